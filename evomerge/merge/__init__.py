@@ -1,0 +1,1 @@
+"""Parameter-space merging: methods (pure tensor maths), recipes, and the in-place materializer."""

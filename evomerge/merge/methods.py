@@ -1,0 +1,391 @@
+"""Merge methods: pure tensor functions in one registry.
+
+Every method sees one tensor at a time in the same form: `base` (the reference model's tensor,
+float32) and `deltas`, one per merged model, each `model - base` (None for the base itself: a zero
+task vector). Parameters arrive already resolved for this tensor; per-model ones as sequences.
+Semantics follow mergekit 0.1.5 (see docs/merge_methods.md there) for the same parameters.
+
+The `out` and `ws` arguments exist for speed only: with them, results land in preallocated memory
+and every intermediate lives in reusable scratch (on CPU, allocating a 64 MB tensor costs twice the
+arithmetic done in it). Without them, methods allocate and behave the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from evomerge.merge.sparsify import (
+    MagnitudeIndex,
+    bernoulli_into,
+    bernoulli_tensor,
+    drop_top,
+    keep_fraction_count,
+    keep_top,
+)
+from evomerge.registry import Registry
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # as written in mergekit YAML
+    default: float | bool | None  # None: required
+    per_model: bool
+    low: float | None = None  # inclusive bounds, checked when recipes are validated
+    high: float | None = None
+    is_bool: bool = False
+
+    @property
+    def arg(self) -> str:
+        return "lam" if self.name == "lambda" else self.name
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., Tensor]
+    params: tuple[Param, ...]
+    needs_base: bool  # a base model is required (task vectors are taken against it)
+    min_models: int = 1  # merged models, base excluded where needs_base
+    max_models: int | None = None
+    random: bool = False
+    uses_magnitude: bool = False  # benefits from a MagnitudeIndex per task vector
+    description: str = ""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+class Workspace:
+    """Reusable flat scratch buffers, one per named slot, grown to the largest request seen."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get_flat(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (slot, dtype, device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def get(self, slot: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Scratch shaped like `like` (contents undefined)."""
+        return self.get_flat(slot, like.numel(), dtype or like.dtype, like.device).view(like.shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+def _ws(ws: Workspace | None) -> Workspace:
+    return ws if ws is not None else Workspace()
+
+
+def _out(out: Tensor | None, base: Tensor) -> Tensor:
+    return out if out is not None else torch.empty_like(base)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparsifiers: return delta i with the dropped entries zeroed (in `buf`, or delta itself if none is).
+# ------------------------------------------------------------------------------------------------
+
+
+def sparsify_magnitude(delta: Tensor, density: float, ws: Workspace, buf: Tensor, index: MagnitudeIndex | None = None) -> Tensor:
+    """TIES: keep the max(1, int(density * n)) largest-magnitude entries."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return buf.zero_()
+    return keep_top(delta, max(1, keep_fraction_count(density, delta.numel())), buf, index)
+
+
+def sparsify_outliers(delta: Tensor, density: float, gamma: float, ws: Workspace, buf: Tensor, index: MagnitudeIndex | None = None) -> Tensor:
+    """Breadcrumbs: drop the gamma fraction of largest magnitudes, keep the next `density` fraction."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = keep_fraction_count(density, n)
+    top = min(int(gamma * n), n - keep)  # too few small entries left: drop fewer of the large ones
+    keep_top(delta, keep + top, buf, index)
+    return drop_top(delta, top, buf, ws.get("outliers", delta), index)
+
+
+def sparsify_random(delta: Tensor, density: float, ws: Workspace, buf: Tensor, gen: torch.Generator) -> Tensor:
+    """DARE: keep each entry with probability density (resolution 2^-16)."""
+    if density >= 1:
+        return delta
+    words = ws.get_flat("random_words", (delta.numel() + 3) // 4, torch.int64, delta.device)
+    bernoulli_into(buf, density, gen, words)
+    return buf.mul_(delta)
+
+
+def sparsify_della(delta: Tensor, density: float, epsilon: float, ws: Workspace, buf: Tensor, gen: torch.Generator) -> Tensor:
+    """DELLA MagPrune: along each row the keep probability rises linearly with magnitude rank,
+    from density - epsilon (smallest) to density + epsilon (largest)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return buf.zero_()
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    m = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest in its row
+    span = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, gen)
+    torch.mul(rows, mask, out=buf.view(rows.shape))
+    return buf
+
+
+def l1_rescale(delta: Tensor, kept: Tensor) -> float:
+    """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0."""
+    before = float(torch.linalg.vector_norm(delta, ord=1))
+    after = float(torch.linalg.vector_norm(kept, ord=1))
+    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The task-arithmetic family: base + lambda * combine(weight_i * sparsify(delta_i))
+# ------------------------------------------------------------------------------------------------
+
+
+def _combine(
+    base: Tensor,
+    deltas: Sequence[Tensor | None],
+    weight: Sequence[float],
+    sparsify: Callable[[int, Tensor, Tensor], Tensor] | None,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+    rescale: bool = False,
+    out: Tensor | None,
+    ws: Workspace | None,
+) -> Tensor:
+    ws = _ws(ws)
+    out = _out(out, base)
+    # The base model's own (zero) task vector contributes nothing; mergekit leaves it out entirely.
+    items = [(w, d) for w, d in zip(weight, deltas) if d is not None]
+    if not items:
+        out.copy_(base)
+        return out
+
+    if not consensus:
+        divisor = sum(w for w, _ in items) if normalize else 1.0
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        out.copy_(base)
+        buf = ws.get("sparse", base)
+        for i, (w, d) in enumerate(items):
+            kept = sparsify(i, d, ws, buf) if sparsify else d
+            factor = l1_rescale(d, kept) if rescale and kept is not d else 1.0
+            out.add_(kept, alpha=w * factor * lam / divisor)
+        return out
+
+    # TIES sign consensus: elect the sign of the weighted sum per entry; average the entries that agree.
+    weighted = []
+    for i, (w, d) in enumerate(items):
+        buf = ws.get(f"weighted{i}", base)
+        kept = sparsify(i, d, ws, buf) if sparsify else d
+        factor = l1_rescale(d, kept) if rescale and kept is not d else 1.0
+        torch.mul(kept, w * factor, out=buf)
+        weighted.append(buf)
+    sign = ws.get("sign", base)
+    sign.copy_(weighted[0])
+    for wd in weighted[1:]:
+        sign.add_(wd)
+    torch.copysign(torch.ones((), device=base.device), sign, out=sign)  # +1 where the sum is >= 0
+    agreeing = ws.get("agreeing", base)  # sum of |weighted| over agreeing models, in the elected direction
+    divisor = ws.get("divisor", base)
+    tmp = ws.get("tmp", base)
+    agreeing.zero_()
+    divisor.zero_()
+    for (w, _), wd in zip(items, weighted):
+        torch.mul(wd, sign, out=tmp)
+        tmp.clamp_min_(0)
+        agreeing.add_(tmp)
+        if normalize:
+            torch.sign(tmp, out=tmp)  # 1 where this model agrees (and is non-zero)
+            divisor.add_(tmp, alpha=w)
+    agreeing.mul_(sign)
+    if normalize:
+        torch.eq(divisor, 0, out=tmp)
+        divisor.add_(tmp)  # nothing agreed: divide by 1, as mergekit does
+        agreeing.div_(divisor)
+    torch.add(base, agreeing, alpha=lam, out=out)
+    return out
+
+
+def _register(name: str, params: tuple[Param, ...], **kw):
+    def deco(fn):
+        METHODS.register(name)(MergeMethod(name=name, fn=fn, params=params, description=(fn.__doc__ or "").strip(), **kw))
+        return fn
+
+    return deco
+
+
+WEIGHT = Param("weight", None, per_model=True)
+DENSITY = Param("density", 1.0, per_model=True, low=0.0, high=1.0)
+LAMBDA = Param("lambda", 1.0, per_model=False)
+INT8_MASK = Param("int8_mask", False, per_model=False, is_bool=True)  # accepted for mergekit parity; masks here are float
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, per_model=False, is_bool=True)
+
+
+def _rescale(default: bool) -> Param:
+    return Param("rescale", default, per_model=False, is_bool=True)
+
+
+@_register("linear", (WEIGHT, _normalize(True)), needs_base=False)
+def linear(base, deltas, *, weight, normalize=True, out=None, ws=None):
+    """Weighted average of the models (weights divided by their sum when normalize)."""
+    out = _out(out, base)
+    total = sum(weight)
+    if normalize and total == 0:
+        raise ValueError("linear weights sum to 0, so they cannot be normalized: change a weight or set normalize: false")
+    divisor = total if normalize else 1.0
+    # sum_i w_i (base + delta_i) / divisor
+    torch.mul(base, total / divisor, out=out)
+    for w, d in zip(weight, deltas):
+        if d is not None:
+            out.add_(d, alpha=w / divisor)
+    return out
+
+
+@_register("task_arithmetic", (WEIGHT, LAMBDA, _normalize(False), INT8_MASK), needs_base=True)
+def task_arithmetic(base, deltas, *, weight, lam=1.0, normalize=False, int8_mask=False, out=None, ws=None):
+    """base + lambda * sum_i weight_i * (model_i - base)."""
+    return _combine(base, deltas, weight, None, consensus=False, normalize=normalize, lam=lam, out=out, ws=ws)
+
+
+@_register("ties", (WEIGHT, DENSITY, LAMBDA, _normalize(True), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)
+def ties(base, deltas, *, weight, density, lam=1.0, normalize=True, rescale=False, int8_mask=False, out=None, ws=None, index=None):
+    """TIES: keep each task vector's largest-magnitude entries, elect signs, average the agreeing ones."""
+    idx, dens = _present(deltas, index), _present(deltas, density)
+    sp = lambda i, d, ws, buf: sparsify_magnitude(d, dens[i], ws, buf, idx[i])  # noqa: E731
+    return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+
+
+def _dare(consensus: bool):
+    def dare(base, deltas, *, weight, density, lam=1.0, normalize=False, rescale=True, int8_mask=False, out=None, ws=None, generator=None):
+        """DARE: drop task-vector entries at random (keep probability density), rescale to the same L1 norm."""
+        gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
+        dens = _present(deltas, density)
+        sp = lambda i, d, ws, buf: sparsify_random(d, dens[i], ws, buf, gen)  # noqa: E731
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+
+    return dare
+
+
+def _breadcrumbs(consensus: bool):
+    def breadcrumbs(base, deltas, *, weight, density, gamma=0.01, lam=1.0, normalize=False, rescale=False, int8_mask=False, out=None, ws=None, index=None):
+        """Model Breadcrumbs: drop both the largest (gamma) and the smallest task-vector entries."""
+        idx, dens, gam = _present(deltas, index), _present(deltas, density), _present(deltas, gamma)
+        sp = lambda i, d, ws, buf: sparsify_outliers(d, dens[i], gam[i], ws, buf, idx[i])  # noqa: E731
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+
+    return breadcrumbs
+
+
+def _della(consensus: bool):
+    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, generator=None):
+        """DELLA: drop entries at random, larger magnitudes kept more often; rescale to the same L1 norm."""
+        gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
+        dens, eps = _present(deltas, density), _present(deltas, epsilon)
+        for d_, e_ in zip(dens, eps):
+            if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
+                raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {d_}, epsilon {e_})")
+        sp = lambda i, d, ws, buf: sparsify_della(d, dens[i], eps[i], ws, buf, gen)  # noqa: E731
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+
+    return della
+
+
+GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0)
+EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0)
+_register("dare_linear", (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_dare(False))
+_register("dare_ties", (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_dare(True))
+_register("breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)(_breadcrumbs(False))
+_register("breadcrumbs_ties", (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)(_breadcrumbs(True))
+_register("della", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK), needs_base=True, random=True)(_della(True))
+_register("della_linear", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_della(False))
+
+
+@_register("slerp", (Param("t", None, per_model=False),), needs_base=True, min_models=1, max_models=1)
+def slerp(base, deltas, *, t, out=None, ws=None, dot_threshold=0.9995, eps=1e-8):
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1)."""
+    out = _out(out, base)
+    d = next((d for d in deltas if d is not None), None)
+    if d is None:
+        return out.copy_(base)
+    other = torch.add(base, d, out=_ws(ws).get("other", base))
+    n0, n1 = base.norm().item(), other.norm().item()
+    dot = torch.dot(base.reshape(-1), other.reshape(-1)).item()
+    dot /= (n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0)
+    dot = min(max(dot, -1.0), 1.0)
+    if abs(dot) > dot_threshold:  # nearly colinear: plain interpolation is accurate and stable
+        s0, s1 = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        s0 = math.sin(theta * (1 - t)) / math.sin(theta)
+        s1 = math.sin(theta * t) / math.sin(theta)
+    torch.mul(base, s0, out=out)
+    out.add_(other, alpha=s1)
+    return out
+
+
+@_register("model_stock", (Param("filter_wise", False, per_model=False, is_bool=True),), needs_base=True, min_models=2)
+def model_stock(base, deltas, *, filter_wise=False, out=None, ws=None):
+    """Model Stock: move from the base toward the models' average by t = N cos / (1 + (N - 1) cos),
+    cos being the mean pairwise cosine of their task vectors (per tensor, or per row if filter_wise)."""
+    out = _out(out, base)
+    ds = [d for d in deltas if d is not None]
+    if len(ds) < 2:
+        return out.copy_(base)
+    width = base.shape[-1] if filter_wise and base.dim() > 0 else base.numel()
+    rows = [d.reshape(-1, width) for d in ds]  # (R, width); R = 1 unless filter_wise
+    cosines = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            a, b = rows[i], rows[j]
+            norms = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-6)
+            cosines.append(((a * b).sum(dim=1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0)  # (R,)
+    n = len(ds)
+    den = 1 + (n - 1) * cos
+    t = torch.where(den.abs() < 1e-6, torch.zeros_like(cos), n * cos / den)  # (R,)
+    mean_delta = sum(rows) / n  # t * mean(models) + (1 - t) * base = base + t * mean(deltas)
+    out.copy_((base.reshape(-1, width) + t.unsqueeze(1) * mean_delta).view(base.shape))
+    return out
+
+
+def _present(deltas: Sequence[Tensor | None], values) -> list:
+    """Per-model values aligned with the models whose delta is present (the base's is dropped)."""
+    if values is None or not isinstance(values, (list, tuple)):
+        return [values] * len(deltas)
+    return [v for v, d in zip(values, deltas) if d is not None]
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[Tensor],
+    base: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **params,
+) -> Tensor:
+    """Reference entry point on raw tensors: merge `tensors` (the base may be one of them, by identity)."""
+    spec = METHODS[method]
+    ref = base if base is not None else tensors[0]
+    ref32 = ref.float()
+    deltas = [None if t is ref else t.float() - ref32 for t in tensors]
+    kwargs = {("lam" if k == "lambda" else k): v for k, v in params.items()}
+    if spec.random:
+        kwargs["generator"] = generator
+    return spec.fn(ref32, deltas, **kwargs)

@@ -1,0 +1,158 @@
+"""The in-place materializer: recipe -> merged weights, written into one live model.
+
+Sources are read once onto the device: the reference (base) model's tensors and every other
+source's task vector (source - base), in float32. Each `materialize(recipe)` writes the merged
+tensors into the same preallocated model: no disk, no new model object, no per-candidate
+allocation beyond reusable scratch. Memory: base + task vectors + one live model + scratch
+(a few tensors of the largest shape) + magnitude indexes (1 byte per entry, built on first use by
+TIES-like methods).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from evomerge.errors import RecipeError
+from evomerge.io import Checkpoint, check_compatible
+from evomerge.merge.methods import Workspace
+from evomerge.merge.recipe import Recipe, layer_position
+from evomerge.merge.sparsify import MagnitudeIndex
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """Seed of one tensor's random draws: independent of tensor order and of other tensors."""
+    digest = hashlib.blake2b(f"{seed}:{tensor_name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class Materializer:
+    def __init__(
+        self,
+        sources: Mapping[str, str | Path],
+        base: str,
+        *,
+        device: str | torch.device = "cpu",
+        model_dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference."""
+        if base not in sources:
+            raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
+        self.device = torch.device(device)
+        self.checkpoints = {name: Checkpoint.open(path, allow_pickle=allow_pickle) for name, path in sources.items()}
+        check_compatible(list(self.checkpoints.values()))
+        self.base_name = base
+        ref = self.checkpoints[base]
+        self.reference = ref
+        self.num_layers = ref.num_layers
+        self.model_dtype = model_dtype or ref.dtype
+        self.names = list(ref.tensors)  # checkpoint order
+        self.float_names = [n for n in self.names if ref.tensors[n].dtype.is_floating_point]
+
+        # resident state, float32 on the device
+        self.base: dict[str, torch.Tensor] = dict(ref.iter_tensors(device=self.device))
+        for n in self.float_names:
+            self.base[n] = self.base[n].float()
+        self.deltas: dict[str, dict[str, torch.Tensor]] = {}
+        for name, ck in self.checkpoints.items():
+            if name == base:
+                continue
+            self.deltas[name] = {n: t.float().sub_(self.base[n]) for n, t in ck.iter_tensors(self.float_names, device=self.device)}
+        self._indexes: dict[tuple[str, str], MagnitudeIndex] = {}
+        self.workspace = Workspace()
+        self._model = None
+        self._targets: dict[str, torch.Tensor] | None = None
+
+    # -- the live model ----------------------------------------------------------------------------
+    @property
+    def model(self):
+        """The live transformers model the merged weights are written into (built on first use)."""
+        if self._model is None:
+            self._build_model()
+        return self._model
+
+    def _build_model(self) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.reference.path)
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.model_dtype)
+        model.eval()
+        state = model.state_dict()  # detached tensors sharing storage with the parameters
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise RecipeError(
+                f"{self.reference.path}: tensor {missing[0]} has no counterpart in {type(model).__name__} "
+                "as built by this transformers version"
+            )
+        self._model = model
+        self._targets = {n: state[n] for n in self.names}
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The live model's tensors under their checkpoint names, in checkpoint order."""
+        self.model  # noqa: B018  (builds it)
+        assert self._targets is not None
+        return iter(self._targets.items())
+
+    # -- merging -----------------------------------------------------------------------------------
+    def materialize(self, recipe: Recipe, seed: int = 0):
+        """Write recipe's merged weights into the live model and return the model."""
+        self._check(recipe)
+        targets = dict(self.named_tensors())
+        spec = recipe.spec
+        inputs = [e.model for e in recipe.inputs()]
+        with torch.no_grad():
+            for name in self.names:
+                target = targets[name]
+                if name not in self.float_names:
+                    target.copy_(self.base[name])  # integer tensors are not merged: the base's are kept
+                    continue
+                base = self.base[name]
+                deltas = [None if m == self.base_name else self.deltas[m][name] for m in inputs]
+                kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
+                if spec.random:
+                    kwargs["generator"] = torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name))
+                if spec.uses_magnitude:
+                    kwargs["index"] = [None if m == self.base_name else self._index(m, name) for m in inputs]
+                out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
+                try:
+                    result = spec.fn(base, deltas, out=out, ws=self.workspace, **kwargs)
+                except ValueError as e:
+                    raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
+                if result is not target:
+                    target.copy_(result)
+        return self._model
+
+    def merged_state_dict(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Materialize and return copies of the merged tensors (for tests and one-off use)."""
+        self.materialize(recipe, seed)
+        return {n: t.detach().clone() for n, t in self.named_tensors()}
+
+    def _index(self, model: str, name: str) -> MagnitudeIndex:
+        key = (model, name)
+        if key not in self._indexes:
+            self._indexes[key] = MagnitudeIndex(self.deltas[model][name])
+        return self._indexes[key]
+
+    def _check(self, recipe: Recipe) -> None:
+        unknown = [m for m in recipe.model_names() if m not in self.checkpoints]
+        if unknown:
+            raise RecipeError(f"recipe model {unknown[0]!r} is not one of the loaded sources ({', '.join(self.checkpoints)})")
+        if recipe.spec.needs_base and recipe.base_model != self.base_name:
+            raise RecipeError(
+                f"recipe base_model {recipe.base_model!r} differs from the materializer's base {self.base_name!r}: "
+                "task vectors are kept relative to that base"
+            )
+
+    def resident_bytes(self) -> int:
+        tensors = list(self.base.values()) + [t for d in self.deltas.values() for t in d.values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(i.nbytes() for i in self._indexes.values())

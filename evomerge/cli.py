@@ -1,2 +1,102 @@
-"""Placeholder; replaced below."""
-def main(): ...
+"""Command line: parse, call, print. Errors a user can fix print as one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from evomerge import __version__
+from evomerge.errors import EvomergeError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args) or 0
+    except EvomergeError as e:
+        if args.debug:
+            raise
+        print(f"evomerge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Evolutionary search for merges of fine-tuned language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    parser.set_defaults(debug=False)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+
+    merge = sub.add_parser(
+        "merge",
+        parents=[common],
+        help="merge models from a mergekit-style recipe YAML into a Hugging Face checkpoint",
+        description="Merge models from a mergekit merge YAML (merge_method, base_model, models, parameters, "
+        "dtype, out_dtype, tokenizer_source) and write a Hugging Face checkpoint.",
+    )
+    merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit merge format)")
+    merge.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
+    merge.add_argument("--device", default="cpu", help="where to merge: cpu, cuda, cuda:1 (default: cpu)")
+    merge.add_argument("--shard-size", default="5GB", help="maximum size of one safetensors shard (default: 5GB)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*, della*) (default: 0)")
+    merge.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (torch.load weights_only=True)")
+    merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.set_defaults(func=_cmd_merge)
+
+    methods = sub.add_parser("methods", parents=[common], help="list merge methods and their parameters")
+    methods.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.merge.run import merge_from_yaml
+
+    start = time.perf_counter()
+    result = merge_from_yaml(
+        args.recipe, args.out, device=args.device, shard_size=args.shard_size, seed=args.seed,
+        allow_pickle=args.allow_pickle, force=args.force, log=lambda msg: print(msg, file=sys.stderr),
+    )
+    print(f"wrote {result.out} ({result.n_tensors} tensors, {result.nbytes / 2**20:.1f} MiB, "
+          f"{result.n_shards} shard(s)) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.merge.methods import METHODS
+
+    table = Table("method", "per-model parameters", "merge-wide parameters", "base", "random")
+    for name in METHODS.names():
+        m = METHODS[name]
+        fmt = lambda p: p.name + ("" if p.default is None else f"={p.default}")  # noqa: E731
+        table.add_row(
+            name,
+            ", ".join(fmt(p) for p in m.params if p.per_model),
+            ", ".join(fmt(p) for p in m.params if not p.per_model),
+            "required" if m.needs_base else "optional",
+            "yes" if m.random else "",
+        )
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

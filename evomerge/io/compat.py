@@ -20,14 +20,16 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         if other.architecture != ref.architecture:
             problems.append(f"architecture {ref.architecture} in {ref.path} vs {other.architecture} in {other.path}")
             continue
-        for name in sorted(ref.tensors.keys() - other.tensors.keys()):
-            problems.append(f"tensor {name} is in {ref.path} but missing from {other.path}")
+        # in checkpoint order, so the first mismatches named are the first ones a reader meets
+        for name, meta in ref.tensors.items():
+            if name not in other.tensors:
+                problems.append(f"tensor {name} is in {ref.path} but missing from {other.path}")
+            elif meta.shape != other.tensors[name].shape:
+                problems.append(
+                    f"tensor {name} has shape {list(meta.shape)} in {ref.path} but {list(other.tensors[name].shape)} in {other.path}"
+                )
         for name in sorted(other.tensors.keys() - ref.tensors.keys()):
             problems.append(f"tensor {name} is in {other.path} but missing from {ref.path}")
-        for name in ref.tensors.keys() & other.tensors.keys():
-            a, b = ref.tensors[name].shape, other.tensors[name].shape
-            if a != b:
-                problems.append(f"tensor {name} has shape {list(a)} in {ref.path} but {list(b)} in {other.path}")
     if problems:
         more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
         raise IncompatibleModelsError(

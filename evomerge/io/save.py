@@ -54,6 +54,7 @@ def save_checkpoint(
     generation_config_from: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write tensors (streamed: each shard is moved to CPU when written) and metadata to `out`."""
     out = Path(out)
@@ -66,6 +67,8 @@ def save_checkpoint(
         _write_generation_config(tmp, config, generation_config_from)
         if tokenizer_from is not None:
             _write_tokenizer(tmp, Path(tokenizer_from))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

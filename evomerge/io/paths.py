@@ -1,0 +1,37 @@
+"""Find model directories named in recipes: local folders, else the local Hugging Face cache (offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from evomerge.errors import CheckpointError
+
+
+def resolve_model(ref: str, search_dirs: Sequence[Path], where: str) -> Path:
+    """A model reference -> its directory. Relative paths are tried against each search dir in order
+    (mergekit reads them from the working directory; evomerge also tries the recipe's folder)."""
+    p = Path(ref).expanduser()
+    candidates = [p] if p.is_absolute() else [d / p for d in search_dirs]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    cached = _from_hf_cache(ref)
+    if cached is not None:
+        return cached
+    looked = ", ".join(str(c) for c in candidates)
+    raise CheckpointError(
+        f"{where}: model {ref!r} not found (looked in {looked} and the local Hugging Face cache); "
+        "evomerge reads local folders only, never downloads"
+    )
+
+
+def _from_hf_cache(ref: str) -> Path | None:
+    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+        return None  # not a hub repo id
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not cached (or not a valid id): the caller reports where it looked
+        return None

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from evomerge.errors import CheckpointError, IncompatibleModelsError
+from evomerge.io import Checkpoint, check_compatible, save_checkpoint
+from evomerge.testing.tiny import TinySpec, make_family
+
+
+def _hf_state(path):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_bf16", "gpt2_tied"])
+def test_reads_every_tensor_as_transformers_does(family, request):
+    fam = request.getfixturevalue(family)
+    ck = Checkpoint.open(fam.sources[0])
+    hf = _hf_state(fam.sources[0])
+    tensors = dict(ck.iter_tensors())
+    assert tensors.keys() == ck.tensors.keys()
+    for name, t in tensors.items():
+        assert name in hf, name
+        assert t.dtype == hf[name].dtype and torch.equal(t, hf[name]), name
+
+
+def test_sharded_checkpoint_is_read_through_its_index(llama):
+    ck = Checkpoint.open(llama.base)
+    assert (llama.base / "model.safetensors.index.json").is_file()
+    assert len({m.file for m in ck.tensors.values()}) > 1
+    assert ck.dtype == torch.float32
+
+
+def test_dtypes_are_reported(qwen2_bf16, gpt2_tied):
+    assert Checkpoint.open(qwen2_bf16.base).dtype == torch.bfloat16
+    assert Checkpoint.open(gpt2_tied.base).dtype == torch.float16
+
+
+def test_missing_shard_and_missing_config_are_named(llama, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama.base, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        Checkpoint.open(broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint.open(broken)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Checkpoint.open(tmp_path / "nowhere")
+
+
+def test_pickled_weights_need_opt_in(qwen2_bf16, tmp_path):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    shutil.copy(qwen2_bf16.base / "config.json", src)
+    state = dict(Checkpoint.open(qwen2_bf16.base).iter_tensors())
+    torch.save(state, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        Checkpoint.open(src)
+    ck = Checkpoint.open(src, allow_pickle=True)
+    assert ck.pickled
+    for name, t in ck.iter_tensors():
+        assert torch.equal(t, state[name])
+
+
+def test_incompatible_sources_list_the_first_mismatches(llama, tmp_path):
+    wider = make_family(tmp_path / "wide", TinySpec(arch="llama", hidden=48, heads=4, kv_heads=2), n_sources=0)
+    with pytest.raises(IncompatibleModelsError) as err:
+        check_compatible([Checkpoint.open(llama.base), Checkpoint.open(wider.base)])
+    msg = str(err.value)
+    assert "model.embed_tokens.weight has shape [320, 32]" in msg and "[320, 48]" in msg
+    assert str(wider.base) in msg and "more)" in msg
+    other_arch = make_family(tmp_path / "gpt2", TinySpec(arch="gpt2"), n_sources=0)
+    with pytest.raises(IncompatibleModelsError, match="architecture LlamaForCausalLM .* vs GPT2LMHeadModel"):
+        check_compatible([Checkpoint.open(llama.base), Checkpoint.open(other_arch.base)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2_tied"])
+def test_saved_checkpoint_loads_with_plain_transformers(family, request, tmp_path):
+    fam = request.getfixturevalue(family)
+    ck = Checkpoint.open(fam.sources[1])
+    config = AutoConfig.from_pretrained(fam.sources[1])
+    out = save_checkpoint(tmp_path / "out", ck.iter_tensors(), config, tokenizer_from=fam.sources[1],
+                          generation_config_from=fam.sources[1], max_shard_bytes=30_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+    ids = torch.tensor([[1, 5, 9, 2]])
+    original = AutoModelForCausalLM.from_pretrained(fam.sources[1]).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, reloaded(ids).logits)
+
+
+def test_save_refuses_a_non_empty_directory_and_keeps_it(llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("finished work")
+    ck = Checkpoint.open(llama.base)
+    with pytest.raises(Exception, match="not empty"):
+        save_checkpoint(out, ck.iter_tensors(), AutoConfig.from_pretrained(llama.base))
+    assert (out / "keep.txt").read_text() == "finished work"
+
+
+def test_a_failed_save_leaves_nothing_behind(llama, tmp_path):
+    def tensors():
+        yield from Checkpoint.open(llama.base).iter_tensors(list(Checkpoint.open(llama.base).tensors)[:3])
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path / "out", tensors(), AutoConfig.from_pretrained(llama.base), max_shard_bytes=1000)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,131 @@
+"""The `evomerge` command, run as a user runs it (a subprocess of the installed console script)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evomerge.testing.tiny import TinySpec, make_family
+
+EVOMERGE = [sys.executable, "-m", "evomerge"]
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([*EVOMERGE, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def write_recipe(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def ties_doc(fam):
+    return {
+        "merge_method": "ties",
+        "base_model": str(fam.base),
+        "models": [
+            {"model": str(fam.sources[0]), "parameters": {"weight": [0.3, 0.9], "density": 0.5}},
+            {"model": str(fam.sources[1]), "parameters": {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.4}, {"value": 0.8}]}},
+        ],
+        "parameters": {"lambda": 1.2},
+    }
+
+
+def test_help_and_version():
+    out = run("--help")
+    assert out.returncode == 0 and "merge" in out.stdout
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("evomerge ")
+
+
+def test_merge_writes_a_checkpoint_transformers_loads(llama, tmp_path):
+    recipe = write_recipe(tmp_path / "ties.yml", ties_doc(llama))
+    out = run("merge", recipe, "--out", tmp_path / "merged", "--shard-size", "50KB")
+    assert out.returncode == 0, out.stderr
+    merged = tmp_path / "merged"
+    assert (merged / "model.safetensors.index.json").is_file() and (merged / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    from evomerge.merge.ps import Materializer
+    from evomerge.merge.recipe import Recipe
+
+    recipe_obj = Recipe.from_mergekit(yaml.safe_load(recipe.read_text()))
+    names = {str(p): p for p in [llama.base, *llama.sources[:2]]}
+    expect = Materializer(names, str(llama.base)).merged_state_dict(recipe_obj)
+    state = model.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in expect.items())
+    # the YAML written beside the weights reproduces the merge
+    again = run("merge", merged / "mergekit_config.yml", "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    a = load_file(next((tmp_path / "again").glob("*.safetensors")))
+    assert all(torch.equal(a[n], expect[n]) for n in expect)
+
+
+def test_relative_model_paths_and_output_dtype(qwen2_bf16, tmp_path):
+    root = qwen2_bf16.base.parent
+    doc = {"merge_method": "slerp", "base_model": "base", "models": [{"model": "source_0"}, {"model": "base"}],
+           "parameters": {"t": [0.0, 1.0]}, "out_dtype": "float32"}
+    recipe = write_recipe(root / "slerp.yml", doc)
+    out = run("merge", recipe, "--out", tmp_path / "slerp", cwd=tmp_path)  # paths resolve next to the recipe
+    assert out.returncode == 0, out.stderr
+    tensors = load_file(tmp_path / "slerp" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    base = load_file(qwen2_bf16.base / "model.safetensors")
+    # t = 0 at layer 0 and for embeddings: those tensors are the base's
+    assert torch.equal(tensors["model.embed_tokens.weight"], base["model.embed_tokens.weight"].float())
+    assert torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"].float())
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(llama, tmp_path_factory):
+    """Each bad recipe with a fragment its one-line error must contain."""
+    root = tmp_path_factory.mktemp("bad")
+    other = make_family(root / "wide", TinySpec(arch="llama", hidden=48), n_sources=0)
+    good = ties_doc(llama)
+    cases = {
+        "mismatched_shapes": ({**good, "models": [*good["models"], {"model": str(other.base), "parameters": {"weight": 1}}]},
+                              "has shape [320, 32]"),
+        "missing_model": ({**good, "base_model": str(root / "no_such_model")}, "not found"),
+        "unknown_method": ({**good, "merge_method": "tiess"}, "unknown merge method 'tiess': did you mean 'ties'"),
+        "unknown_key": ({**good, "paramters": {"lambda": 1}}, "unknown key 'paramters'"),
+        "density_range": ({**good, "models": [{"model": str(llama.sources[0]), "parameters": {"weight": 1, "density": 1.5}}]},
+                          "density: 1.5 is outside [0, 1]"),
+        "slerp_three": ({"merge_method": "slerp", "base_model": str(llama.base), "parameters": {"t": 0.5},
+                         "models": [{"model": str(p)} for p in llama.sources]}, "slerp merges exactly 1 model"),
+    }
+    return {name: (write_recipe(root / f"{name}.yml", doc), msg) for name, (doc, msg) in cases.items()}
+
+
+@pytest.mark.parametrize("case", ["mismatched_shapes", "missing_model", "unknown_method", "unknown_key", "density_range", "slerp_three"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tmp_path):
+    recipe, fragment = bad_inputs[case]
+    out = run("merge", recipe, "--out", tmp_path / "out")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("evomerge: error: ") and fragment in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_recipe_file_and_busy_output(llama, tmp_path):
+    out = run("merge", tmp_path / "nope.yml", "--out", tmp_path / "o")
+    assert out.returncode == 2 and "nope.yml does not exist" in out.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "result.txt").write_text("keep me")
+    recipe = write_recipe(tmp_path / "r.yml", ties_doc(llama))
+    out = run("merge", recipe, "--out", busy)
+    assert out.returncode == 2 and "--force" in out.stderr
+    assert (busy / "result.txt").read_text() == "keep me"
+    bad_yaml = tmp_path / "bad.yml"
+    bad_yaml.write_text("merge_method: ties\nmodels: [a\n")
+    out = run("merge", bad_yaml, "--out", tmp_path / "o")
+    assert out.returncode == 2 and "not valid YAML" in out.stderr and len(out.stderr.strip().splitlines()) == 1

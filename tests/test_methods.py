@@ -1,0 +1,163 @@
+"""Merge maths on small tensors, against values derived by hand from mergekit 0.1.5's definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.merge.methods import METHODS, merge_tensors
+from evomerge.merge.sparsify import MagnitudeIndex, keep_top
+
+B = torch.tensor([1.0, 1.0, 1.0, 1.0])
+X = B + torch.tensor([1.0, -2.0, 3.0, 0.0])
+Y = B + torch.tensor([-1.0, -1.0, 1.0, 2.0])
+
+
+def close(a, b):
+    return torch.allclose(a, torch.as_tensor(b, dtype=a.dtype), atol=1e-6)
+
+
+def test_linear_normalizes_by_the_weight_sum():
+    a, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
+    assert close(merge_tensors("linear", [a, c], weight=[1, 3]), [2.5, -1.0])
+    assert close(merge_tensors("linear", [a, c], weight=[1, 3], normalize=False), [10.0, -4.0])
+    with pytest.raises(ValueError, match="sum to 0"):
+        merge_tensors("linear", [a, c], weight=[1, -1])
+
+
+def test_task_arithmetic_adds_scaled_task_vectors():
+    # 0.5 * (0.5 * [1,-2,3,0] + 1.5 * [-1,-1,1,2]) = [-0.5, -1.25, 1.5, 1.5]
+    out = merge_tensors("task_arithmetic", [X, Y], base=B, weight=[0.5, 1.5], **{"lambda": 0.5})
+    assert close(out, B + torch.tensor([-0.5, -1.25, 1.5, 1.5]))
+
+
+def test_ties_trims_elects_signs_and_averages_the_agreeing_entries():
+    # density 0.5 keeps 2 of 4: X -> [0,-2,3,0]; Y -> [-1,0,0,2] (|-1| ties with three others: lowest index wins)
+    # weighted: [0,-1,1.5,0] and [-1.5,0,0,3]; signs of the sum: [-,-,+,+]
+    # agreeing sums / agreeing weights: [-1.5/1.5, -1/0.5, 1.5/0.5, 3/1.5] = [-1,-2,3,2]
+    out = merge_tensors("ties", [X, Y], base=B, weight=[0.5, 1.5], density=[0.5, 0.5])
+    assert close(out, B + torch.tensor([-1.0, -2.0, 3.0, 2.0]))
+    out = merge_tensors("ties", [X, Y], base=B, weight=[0.5, 1.5], density=[0.5, 0.5], normalize=False, **{"lambda": 2.0})
+    assert close(out, B + 2 * torch.tensor([-1.5, -1.0, 1.5, 3.0]))
+
+
+def test_ties_sign_election_counts_a_zero_sum_as_positive():
+    b = torch.zeros(1)
+    out = merge_tensors("ties", [torch.tensor([1.0]), torch.tensor([-1.0])], base=b, weight=[1, 1], density=[1, 1])
+    assert close(out, [1.0])
+
+
+def test_ties_keeps_at_least_one_entry_and_zero_density_keeps_none():
+    b = torch.zeros(4)
+    d = torch.tensor([0.1, -0.4, 0.2, 0.3])
+    assert close(merge_tensors("ties", [d], base=b, weight=[1], density=[0.1]), [0, -0.4, 0, 0])  # int(0.4) = 0 -> 1
+    assert close(merge_tensors("ties", [d], base=b, weight=[1], density=[0.0]), [0, 0, 0, 0])
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    d = torch.tensor([10.0, -9, 8, -7, 6, -5, 4, -3, 2, -1])
+    out = merge_tensors("breadcrumbs", [d], base=torch.zeros(10), weight=[1], density=[0.5], gamma=[0.1])
+    assert close(out, [0, -9, 8, -7, 6, 0, 0, 0, 0, 0][:5] + [-5, 0, 0, 0, 0])
+    # gamma too large to keep `density` of the rest: fewer outliers are dropped (the smallest 5 stay)
+    out = merge_tensors("breadcrumbs", [d], base=torch.zeros(10), weight=[1], density=[0.5], gamma=[0.8])
+    assert close(out, [0, 0, 0, 0, 0, -5, 4, -3, 2, -1])
+
+
+def test_slerp_follows_the_arc_and_falls_back_to_lerp_when_colinear():
+    v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    s = math.sin(math.pi / 4)
+    assert close(merge_tensors("slerp", [v0, v1], base=v0, t=0.5), [s, s])
+    assert close(merge_tensors("slerp", [v0, v1], base=v0, t=0.0), [1.0, 0.0])
+    w0, w1 = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0])
+    assert close(merge_tensors("slerp", [w0, w1], base=w0, t=0.25), [1.25, 1.25])
+
+
+def test_model_stock_moves_toward_the_average_by_the_cosine_rule():
+    b = torch.tensor([0.5, -0.5])
+    a, c = b + torch.tensor([1.0, 0.0]), b + torch.tensor([1.0, 1.0])
+    cos = 1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)
+    assert close(merge_tensors("model_stock", [a, c], base=b), b + t * torch.tensor([1.0, 0.5]))
+    orthogonal = merge_tensors("model_stock", [b + torch.tensor([1.0, 0]), b + torch.tensor([0, 1.0])], base=b)
+    assert close(orthogonal, b)  # cos 0 -> t 0: keep the base
+
+
+def _brute_top_k(x, k):
+    order = sorted(range(x.numel()), key=lambda i: (-abs(x[i].item()), i))
+    out = torch.zeros_like(x)
+    out[order[:k]] = x[order[:k]]
+    return out
+
+
+@pytest.mark.parametrize("n,levels", [(257, 1000), (5000, 7), (70_000, 13)])
+def test_exact_top_k_with_and_without_index_matches_a_stable_sort(n, levels):
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randint(-levels, levels + 1, (n,), generator=gen) / levels).float()  # many ties
+    index = MagnitudeIndex(x)
+    buf = torch.empty_like(x)
+    for k in (0, 1, n // 7, n // 2, n - 1, n):
+        expect = _brute_top_k(x, k) if n < 10_000 else None
+        a = keep_top(x, k, buf.clone(), index)
+        b = keep_top(x, k, buf.clone())
+        assert torch.equal(a, b)
+        assert int((a != 0).sum()) <= k and int((a != 0).sum() + (x == 0).sum()) >= k
+        if expect is not None:
+            assert torch.equal(a, expect)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_random_methods_are_reproducible_from_the_seed(method):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=gen)
+    models = [base + torch.randn(64, 32, generator=gen) * 0.1 for _ in range(2)]
+    kw = dict(weight=[0.6, 0.4], density=[0.5, 0.4])
+    run = lambda seed: merge_tensors(method, models, base=base, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def _sparsified(method, delta, seed, rescale=True, density=0.3, **extra):
+    base = torch.zeros_like(delta)
+    return merge_tensors(method, [base + delta], base=base, weight=[1.0], density=[density], rescale=rescale,
+                         generator=torch.Generator().manual_seed(seed), **extra)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_rescaling_preserves_the_expectation(method):
+    """Averaged over seeds, DARE's rescaled output is the task vector; unrescaled, ~density times it."""
+    delta = torch.randn(4000, generator=torch.Generator().manual_seed(1))
+    slope = lambda avg: float((avg * delta).sum() / (delta * delta).sum())  # noqa: E731
+    mean = lambda rescale: torch.stack([_sparsified(method, delta, s, rescale) for s in range(300)]).mean(0)  # noqa: E731
+    assert slope(mean(True)) == pytest.approx(1.0, abs=0.02)
+    assert slope(mean(False)) == pytest.approx(0.3, abs=0.02)
+
+
+def test_della_rescales_to_the_l1_norm_and_keeps_large_entries_more_often():
+    """mergekit's DELLA rescale restores the task vector's L1 norm (not 1/p per entry); the keep
+    probability rises with magnitude (density - epsilon for the smallest, + epsilon for the largest)."""
+    delta = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    order = delta.abs().argsort(dim=1)
+    small, large = order[:, :64], order[:, -64:]
+    kept_small = kept_large = 0.0
+    for s in range(50):
+        out = _sparsified("della_linear", delta, s, epsilon=[0.2], density=0.5)
+        assert float(out.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-4)
+        kept = (out != 0).float()
+        kept_small += float(kept.gather(1, small).mean()) / 50
+        kept_large += float(kept.gather(1, large).mean()) / 50
+    # p = 0.3 + 0.4 * rank / 255: mean over ranks 0..63 is 0.349, over ranks 192..255 is 0.651
+    assert kept_small == pytest.approx(0.3 + 0.4 * 31.5 / 255, abs=0.02)
+    assert kept_large == pytest.approx(0.3 + 0.4 * 223.5 / 255, abs=0.02)
+
+
+def test_della_refuses_probabilities_outside_zero_one():
+    base = torch.zeros(8)
+    with pytest.raises(ValueError, match="density - epsilon"):
+        merge_tensors("della", [base + 1], base=base, weight=[1], density=[0.1], epsilon=[0.15])
+
+
+def test_registry_suggests_the_nearest_name():
+    with pytest.raises(KeyError, match="did you mean 'ties'"):
+        METHODS["tie"]

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     merge.set_defaults(func=_cmd_merge)
 
+    demo = sub.add_parser("demo", parents=[common], help="build a tiny model family and merge it with every method")
+    demo.add_argument("--cache", type=Path, default=Path(".cache/demo"), help="where the demo models are kept")
+    demo.set_defaults(func=_cmd_demo)
+
     methods = sub.add_parser("methods", parents=[common], help="list merge methods and their parameters")
     methods.set_defaults(func=_cmd_methods)
     return parser
@@ -74,6 +78,24 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     )
     print(f"wrote {result.out} ({result.n_tensors} tensors, {result.nbytes / 2**20:.1f} MiB, "
           f"{result.n_shards} shard(s)) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.demo.merge_tour import run_demo
+
+    console = Console()
+    out = args.cache / "merged-ties"
+    rows = run_demo(args.cache, out, log=console.print)
+    table = Table("method", "materialize ms", "|merged - base| / |task vector|", "entries changed",
+                  title="One recipe per method, written in place into one live model")
+    for r in rows:
+        table.add_row(r["method"], f"{r['ms']:.1f}", f"{r['moved']:.3f}", f"{r['changed']:.0%}")
+    console.print(table)
+    console.print(f"wrote the TIES merge as a Hugging Face checkpoint to {out}")
     return 0
 
 

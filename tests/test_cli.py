@@ -129,3 +129,13 @@ def test_missing_recipe_file_and_busy_output(llama, tmp_path):
     bad_yaml.write_text("merge_method: ties\nmodels: [a\n")
     out = run("merge", bad_yaml, "--out", tmp_path / "o")
     assert out.returncode == 2 and "not valid YAML" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unusable_device_is_refused_before_any_work(llama, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", ties_doc(llama))
+    out = run("merge", recipe, "--out", tmp_path / "o", "--device", "tpu9")
+    assert out.returncode == 2 and "--device 'tpu9' is not a device" in out.stderr
+    if not torch.cuda.is_available():
+        out = run("merge", recipe, "--out", tmp_path / "o", "--device", "cuda")
+        assert out.returncode == 2 and "no CUDA device" in out.stderr
+    assert not (tmp_path / "o").exists()

@@ -26,6 +26,8 @@ from evomerge.merge.sparsify import (
     drop_top,
     keep_fraction_count,
     keep_top,
+    ranks_as_float,
+    row_ranks,
 )
 from evomerge.registry import Registry
 
@@ -53,7 +55,8 @@ class MergeMethod:
     min_models: int = 1  # merged models, base excluded where needs_base
     max_models: int | None = None
     random: bool = False
-    uses_magnitude: bool = False  # benefits from a MagnitudeIndex per task vector
+    uses_magnitude: bool = False  # takes `index`: a MagnitudeIndex per task vector
+    uses_ranks: bool = False  # takes `ranks`: row_ranks() per task vector
     description: str = ""
 
     def param(self, name: str) -> Param | None:
@@ -126,7 +129,9 @@ def sparsify_random(delta: Tensor, density: float, ws: Workspace, buf: Tensor, g
     return buf.mul_(delta)
 
 
-def sparsify_della(delta: Tensor, density: float, epsilon: float, ws: Workspace, buf: Tensor, gen: torch.Generator) -> Tensor:
+def sparsify_della(
+    delta: Tensor, density: float, epsilon: float, ws: Workspace, buf: Tensor, gen: torch.Generator, ranks: Tensor | None = None
+) -> Tensor:
     """DELLA MagPrune: along each row the keep probability rises linearly with magnitude rank,
     from density - epsilon (smallest) to density + epsilon (largest)."""
     if density >= 1:
@@ -135,8 +140,8 @@ def sparsify_della(delta: Tensor, density: float, epsilon: float, ws: Workspace,
         return buf.zero_()
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     m = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest in its row
-    span = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    rank = ranks_as_float(ranks if ranks is not None else row_ranks(delta)).view(rows.shape)  # 0 = smallest in its row
+    span = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
     mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, gen)
     torch.mul(rows, mask, out=buf.view(rows.shape))
     return buf
@@ -295,14 +300,14 @@ def _breadcrumbs(consensus: bool):
 
 
 def _della(consensus: bool):
-    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, generator=None):
+    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, generator=None, ranks=None):
         """DELLA: drop entries at random, larger magnitudes kept more often; rescale to the same L1 norm."""
         gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
-        dens, eps = _present(deltas, density), _present(deltas, epsilon)
+        dens, eps, rk = _present(deltas, density), _present(deltas, epsilon), _present(deltas, ranks)
         for d_, e_ in zip(dens, eps):
             if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
                 raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {d_}, epsilon {e_})")
-        sp = lambda i, d, ws, buf: sparsify_della(d, dens[i], eps[i], ws, buf, gen)  # noqa: E731
+        sp = lambda i, d, ws, buf: sparsify_della(d, dens[i], eps[i], ws, buf, gen, rk[i])  # noqa: E731
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
 
     return della
@@ -314,8 +319,8 @@ _register("dare_linear", (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(T
 _register("dare_ties", (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_dare(True))
 _register("breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)(_breadcrumbs(False))
 _register("breadcrumbs_ties", (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)(_breadcrumbs(True))
-_register("della", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK), needs_base=True, random=True)(_della(True))
-_register("della_linear", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_della(False))
+_register("della", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK), needs_base=True, random=True, uses_ranks=True)(_della(True))
+_register("della_linear", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True, uses_ranks=True)(_della(False))
 
 
 @_register("slerp", (Param("t", None, per_model=False),), needs_base=True, min_models=1, max_models=1)

@@ -21,7 +21,7 @@ from evomerge.errors import RecipeError
 from evomerge.io import Checkpoint, check_compatible
 from evomerge.merge.methods import Workspace
 from evomerge.merge.recipe import Recipe, layer_position
-from evomerge.merge.sparsify import MagnitudeIndex
+from evomerge.merge.sparsify import MagnitudeIndex, row_ranks
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class Materializer:
                 continue
             self.deltas[name] = {n: t.float().sub_(self.base[n]) for n, t in ck.iter_tensors(self.float_names, device=self.device)}
         self._indexes: dict[tuple[str, str], MagnitudeIndex] = {}
+        self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self.workspace = Workspace()
         self._model = None
         self._targets: dict[str, torch.Tensor] | None = None
@@ -122,7 +123,9 @@ class Materializer:
                 if spec.random:
                     kwargs["generator"] = torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name))
                 if spec.uses_magnitude:
-                    kwargs["index"] = [None if m == self.base_name else self._index(m, name) for m in inputs]
+                    kwargs["index"] = [None if m == self.base_name else self._cached(self._indexes, MagnitudeIndex, m, name) for m in inputs]
+                if spec.uses_ranks:
+                    kwargs["ranks"] = [None if m == self.base_name else self._cached(self._ranks, row_ranks, m, name) for m in inputs]
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
                 try:
                     result = spec.fn(base, deltas, out=out, ws=self.workspace, **kwargs)
@@ -137,11 +140,12 @@ class Materializer:
         self.materialize(recipe, seed)
         return {n: t.detach().clone() for n, t in self.named_tensors()}
 
-    def _index(self, model: str, name: str) -> MagnitudeIndex:
+    def _cached(self, cache: dict, build, model: str, name: str):
+        """Derived data of one task vector (fixed while the sources are loaded), built on first use."""
         key = (model, name)
-        if key not in self._indexes:
-            self._indexes[key] = MagnitudeIndex(self.deltas[model][name])
-        return self._indexes[key]
+        if key not in cache:
+            cache[key] = build(self.deltas[model][name])
+        return cache[key]
 
     def _check(self, recipe: Recipe) -> None:
         unknown = [m for m in recipe.model_names() if m not in self.checkpoints]
@@ -155,4 +159,5 @@ class Materializer:
 
     def resident_bytes(self) -> int:
         tensors = list(self.base.values()) + [t for d in self.deltas.values() for t in d.values()]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(i.nbytes() for i in self._indexes.values())
+        derived = sum(i.nbytes() for i in self._indexes.values()) + sum(r.numel() * r.element_size() for r in self._ranks.values())
+        return sum(t.numel() * t.element_size() for t in tensors) + derived

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import yaml
 
-from evomerge.errors import RecipeError
+from evomerge.errors import EvomergeError, RecipeError
 from evomerge.io import parse_size, prepare_output_dir, save_checkpoint
 from evomerge.io.paths import resolve_model
 from evomerge.merge.ps import TORCH_DTYPES, Materializer
@@ -23,6 +23,16 @@ class MergeResult:
     n_tensors: int
     nbytes: int
     n_shards: int
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EvomergeError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -50,6 +60,7 @@ def merge_from_yaml(
 ) -> MergeResult:
     recipe = load_recipe(recipe_path)
     shard_bytes = parse_size(shard_size)
+    check_device(device)
     prepare_output_dir(out, force=force)  # fail before any heavy work
     search = [Path.cwd(), recipe_path.resolve().parent]
     paths = {name: resolve_model(name, search, f"{recipe_path}: model") for name in recipe.model_names()}

@@ -100,6 +100,20 @@ def drop_top(x: torch.Tensor, k: int, out: torch.Tensor, scratch: torch.Tensor, 
     return out
 
 
+def row_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Magnitude rank of every entry within its row (dim 1; a 1-D tensor is one row), 0 = smallest.
+    Stored compactly (int16, offset by -2^15) when rows are at most 2^16 long."""
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1)
+    if rows.shape[1] <= _LANES:
+        return (ranks - 32768).to(torch.int16)
+    return ranks.to(torch.int32)
+
+
+def ranks_as_float(ranks: torch.Tensor) -> torch.Tensor:
+    return ranks.float() + 32768 if ranks.dtype == torch.int16 else ranks.float()
+
+
 def keep_fraction_count(density: float, numel: int) -> int:
     """Elements kept at a density, as mergekit counts them: int(density * numel)."""
     return int(density * numel)

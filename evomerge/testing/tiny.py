@@ -121,7 +121,9 @@ def make_family(
 
 def _save(model, out: Path, tok_dir: Path, dtype: torch.dtype, shard_size: str | int | None) -> Path:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise in tests and the demo
     model = model.to(dtype)
     kwargs = {"max_shard_size": shard_size} if shard_size is not None else {}
     model.save_pretrained(out, **kwargs)

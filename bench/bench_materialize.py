@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -180,7 +181,11 @@ def main() -> None:
     device = torch.device(args.device)
 
     wall = time.perf_counter()
+    # the tree under test, so numbers can be matched to code
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent).stdout.strip()
     bandwidth = copy_bandwidth(device)
+    print(f"evomerge tree {rev or 'unknown'}")
     print(f"device {device} ({torch.get_num_threads()} CPU threads, torch {torch.__version__}); "
           f"copy bandwidth {bandwidth / 1e9:.2f} GB/s (read + write, 512 MiB fp32 dst.copy_(src), median of 5)")
     rows, infos = [], []

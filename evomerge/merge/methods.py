@@ -13,7 +13,7 @@ arithmetic done in it). Without them, methods allocate and behave the same.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -163,7 +163,7 @@ def _combine(
     base: Tensor,
     deltas: Sequence[Tensor | None],
     weight: Sequence[float],
-    sparsify: Callable[[int, Tensor, Tensor], Tensor] | None,
+    sparsify: Callable[[int, Tensor, Workspace, Tensor], Tensor] | None,  # (i, delta_i, ws, buf) -> kept
     *,
     consensus: bool,
     normalize: bool,

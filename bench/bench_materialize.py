@@ -18,6 +18,8 @@ once, all fp32) divided by the copy bandwidth measured on the same device in the
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import gc
 import json
 import statistics
@@ -27,19 +29,19 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from benchlib import OUT, cached_family, checkpoint_params, run_mergekit, write_yaml
+
 from evomerge.merge.ps import Materializer
 from evomerge.merge.recipe import Recipe
 from evomerge.testing.tiny import TinySpec
 
 N_SOURCES = 3
 SIZES = {
-    # ~10.5M: 8 x 1.05M per layer + 2 x 1.05M embeddings (untied)
+    # 10,490,112: 8 layers x 1.05M + 2 x 1.05M embeddings (untied)
     "10M": TinySpec(arch="llama", hidden=256, layers=8, heads=8, kv_heads=8, intermediate=1024, vocab=4096),
-    # ~97.5M: 12 x 7.08M per layer + 2 x 6.3M embeddings
+    # 97,536,768: 12 layers x 7.08M + 2 x 6.3M embeddings
     "100M": TinySpec(arch="llama", hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, vocab=8192),
-    # ~0.95B: 16 x 51.4M per layer + 2 x 65.5M embeddings (fp32: 3.8 GB per model, ~22 GB resident on the device)
+    # 953,223,168: 16 layers x 51.4M + 2 x 65.5M embeddings (fp32: 3.8 GB per model, ~22 GB on the device)
     "1B": TinySpec(arch="llama", hidden=2048, layers=16, heads=32, kv_heads=32, intermediate=5632, vocab=32000),
 }
 WEIGHTS, DENSITIES = (0.5, 0.3, 0.2), (0.5, 0.6, 0.7)
@@ -47,6 +49,8 @@ WEIGHTS, DENSITIES = (0.5, 0.3, 0.2), (0.5, 0.6, 0.7)
 
 def recipes(base: str, sources: list[str]) -> dict[str, dict]:
     """The benchmarked mergekit YAMLs (as dicts); model strings are absolute paths, valid for both tools."""
+    per_model = [{"model": s, "parameters": {"weight": w, "density": d}}
+                 for s, w, d in zip(sources, WEIGHTS, DENSITIES)]
     linear = {
         "merge_method": "linear",  # no base_model: mergekit would add it as a 4th weighted input
         "models": [{"model": s, "parameters": {"weight": w}} for s, w in zip(sources, WEIGHTS)],
@@ -55,7 +59,7 @@ def recipes(base: str, sources: list[str]) -> dict[str, dict]:
     ties = {
         "merge_method": "ties",
         "base_model": base,
-        "models": [{"model": s, "parameters": {"weight": w, "density": d}} for s, w, d in zip(sources, WEIGHTS, DENSITIES)],
+        "models": copy.deepcopy(per_model),
         "parameters": {"normalize": True},
         "dtype": "float32",
     }
@@ -63,7 +67,7 @@ def recipes(base: str, sources: list[str]) -> dict[str, dict]:
     dare_ties = {
         "merge_method": "dare_ties",
         "base_model": base,
-        "models": [{"model": s, "parameters": {"weight": w, "density": d}} for s, w, d in zip(sources, WEIGHTS, DENSITIES)],
+        "models": copy.deepcopy(per_model),
         "dtype": "float32",
     }
     return {"linear": linear, "ties": ties, "dare_ties": dare_ties}
@@ -87,8 +91,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, repeats: int
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults / allocator, not bandwidth
-    secs = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
-    del src, dst
+    secs = statistics.median(timed(functools.partial(dst.copy_, src), device) for _ in range(repeats))
     return 2 * nbytes / secs
 
 
@@ -104,25 +107,30 @@ def bench_size(size: str, args, device: torch.device, bandwidth: float) -> tuple
     print(f"\n== {size}: {params:,} parameters ({params * 4 / 2**20:.0f} MiB per fp32 model); "
           f"family ready in {build_s:.1f} s", flush=True)
 
-    # evomerge: load once, then only materialize is timed
+    # evomerge: load once (sources, then the live model it writes into), then only materialize is timed
     t0 = time.perf_counter()
     m = Materializer({p: p for p in [base, *sources]}, base=base, device=device)
-    m.model  # noqa: B018  (the live model is built on first use: count it as loading)
     sync(device)
     load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m.model  # noqa: B018  (built on first use)
+    sync(device)
+    build_model_s = time.perf_counter() - t0
     rows, first = [], {}
-    for name, doc in docs.items():
-        recipe = Recipe.from_mergekit(yaml.safe_load(yaml_paths[name].read_text()), where=str(yaml_paths[name]))
-        first[name] = timed(lambda: m.materialize(recipe, seed=0), device)  # warm-up: scratch, magnitude indexes
-        secs = [timed(lambda: m.materialize(recipe, seed=0), device) for _ in range(args.repeats)]
+    for name, path in yaml_paths.items():
+        recipe = Recipe.from_mergekit(yaml.safe_load(path.read_text()), where=str(path))  # as the CLI reads it
+        run = functools.partial(m.materialize, recipe, seed=0)
+        first[name] = timed(run, device)  # warm-up: scratch buffers, magnitude indexes
+        secs = [timed(run, device) for _ in range(args.repeats)]
         n_deltas = sum(1 for e in recipe.inputs() if e.model != base)
         moved = (1 + n_deltas + 1) * params * 4  # base + task vectors in, merged model out (fp32)
-        rows.append({"size": size, "params": params, "method": name, "evomerge_s": statistics.median(secs),
+        median = statistics.median(secs)
+        rows.append({"size": size, "params": params, "method": name, "evomerge_s": median,
                      "evomerge_all_s": secs, "bytes_moved": moved, "bound_s": moved / bandwidth})
-        print(f"evomerge {name}: median {statistics.median(secs) * 1e3:.1f} ms (warm-up {first[name] * 1e3:.1f} ms)", flush=True)
+        print(f"evomerge {name}: median {median * 1e3:.1f} ms (warm-up {first[name] * 1e3:.1f} ms)", flush=True)
     model_bytes = sum(t.numel() * t.element_size() for _, t in m.named_tensors())
-    info = {"size": size, "params": params, "load_s": load_s, "first_s": first, "resident_bytes": m.resident_bytes(),
-            "model_bytes": model_bytes, "scratch_bytes": m.workspace.nbytes()}
+    info = {"size": size, "params": params, "load_s": load_s, "build_model_s": build_model_s, "first_s": first,
+            "resident_bytes": m.resident_bytes(), "model_bytes": model_bytes, "scratch_bytes": m.workspace.nbytes()}
     del m
     gc.collect()
     if device.type == "cuda":
@@ -158,7 +166,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['evomerge_s'] / r['bound_s']:.2f}",
         ])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     print(line(head))
     print("  ".join("-" * w for w in widths))
     for b in body:
@@ -168,11 +176,11 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10M,100M", help=f"comma-separated, from {', '.join(SIZES)} (default: 10M,100M)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after one warm-up (default: 5)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up (default: 5)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both tools (default: cpu)")
     ap.add_argument("--no-mergekit", action="store_true", help="time evomerge only (e.g. 1B on CPU)")
     ap.add_argument("--clear-loader-cache", action="store_true",
-                    help="clear mergekit's LoaderCache before every run_merge (cold shard handles, like a fresh CLI run)")
+                    help="clear mergekit's LoaderCache before each run_merge (cold shard handles, like a new CLI run)")
     args = ap.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -180,9 +188,12 @@ def main() -> None:
         ap.error(f"unknown size {unknown[0]!r}: choose from {', '.join(SIZES)}")
     device = torch.device(args.device)
 
+    # import the model classes now, so their one-time import cost is not counted as loading
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+
     wall = time.perf_counter()
     # the tree under test, so numbers can be matched to code
-    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], check=False, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent).stdout.strip()
     bandwidth = copy_bandwidth(device)
     print(f"evomerge tree {rev or 'unknown'}")
@@ -200,8 +211,10 @@ def main() -> None:
     print()
     for info in infos:
         first = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in info["first_s"].items())
-        print(f"{info['size']}: evomerge load {info['load_s']:.2f} s; resident {info['resident_bytes'] / 2**20:.0f} MiB "
-              f"(base + task vectors + magnitude indexes) + live model {info['model_bytes'] / 2**20:.0f} MiB "
+        print(f"{info['size']}: evomerge load {info['load_s']:.2f} s "
+              f"(+ {info['build_model_s']:.2f} s to build the live model); "
+              f"resident {info['resident_bytes'] / 2**20:.0f} MiB (base + task vectors + cached indexes) "
+              f"+ live model {info['model_bytes'] / 2**20:.0f} MiB "
               f"+ scratch {info['scratch_bytes'] / 2**20:.0f} MiB; first materialize: {first}")
     print(f"total wall time {time.perf_counter() - wall:.0f} s")
     out = OUT / "bench_results.json"

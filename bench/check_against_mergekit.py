@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import OUT, cached_family, load_safetensors, run_mergekit, write_yaml
+
 from evomerge.testing.tiny import TinySpec
 
 SPEC = TinySpec(arch="llama", hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=512)
@@ -45,8 +45,8 @@ def recipes(b: str, s: list[str]) -> dict[str, dict]:
     def model(path, **params):
         return {"model": path, "parameters": params} if params else {"model": path}
 
-    attn_vs_rest = lambda a, rest: [{"filter": "self_attn", "value": a}, {"value": rest}]  # noqa: E731
-    mlp_vs_rest = lambda a, rest: [{"filter": "mlp", "value": a}, {"value": rest}]  # noqa: E731
+    attn_vs_rest = lambda a, rest: [{"filter": "self_attn", "value": a}, {"value": rest}]
+    mlp_vs_rest = lambda a, rest: [{"filter": "mlp", "value": a}, {"value": rest}]
     return {
         # no base: a weighted average of the listed models; s2's weight falls back to the top level
         "linear": {
@@ -133,20 +133,32 @@ def recipes(b: str, s: list[str]) -> dict[str, dict]:
         "dare_linear": {
             "merge_method": "dare_linear",
             "base_model": b,
-            "models": [model(s[0], weight=0.5, density=0.5), model(s[1], weight=0.3, density=[0.4, 0.8]), model(s[2], weight=0.2, density=0.7)],
+            "models": [
+                model(s[0], weight=0.5, density=0.5),
+                model(s[1], weight=0.3, density=[0.4, 0.8]),
+                model(s[2], weight=0.2, density=0.7),
+            ],
             "dtype": "float32",
         },
         "dare_ties": {
             "merge_method": "dare_ties",
             "base_model": b,
-            "models": [model(s[0], weight=0.5, density=0.5), model(s[1], weight=0.3, density=0.6), model(s[2], weight=0.2, density=0.7)],
+            "models": [
+                model(s[0], weight=0.5, density=0.5),
+                model(s[1], weight=0.3, density=0.6),
+                model(s[2], weight=0.2, density=0.7),
+            ],
             "parameters": {"normalize": True},
             "dtype": "float32",
         },
         "della": {
             "merge_method": "della",
             "base_model": b,
-            "models": [model(s[0], weight=0.5, density=0.5), model(s[1], weight=0.3, density=0.6, epsilon=0.1), model(s[2], weight=0.2, density=0.7)],
+            "models": [
+                model(s[0], weight=0.5, density=0.5),
+                model(s[1], weight=0.3, density=0.6, epsilon=0.1),
+                model(s[2], weight=0.2, density=0.7),
+            ],
             "parameters": {"epsilon": 0.15, "lambda": 1.0},
             "dtype": "float32",
         },
@@ -172,10 +184,11 @@ def max_diff_by_set(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
         raise AssertionError(f"different tensor names: only in first {sorted(a.keys() - b.keys())}, "
                              f"only in second {sorted(b.keys() - a.keys())}")
     out: dict[str, float] = {}
-    for name in a:
-        if a[name].shape != b[name].shape or a[name].dtype != b[name].dtype:
-            raise AssertionError(f"{name}: {tuple(a[name].shape)} {a[name].dtype} vs {tuple(b[name].shape)} {b[name].dtype}")
-        d = (a[name].double() - b[name].double()).abs().max().item() if a[name].numel() else 0.0
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise AssertionError(f"{name}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
+        d = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
         s = tensor_set(name)
         out[s] = max(out.get(s, 0.0), d)
     return out
@@ -194,14 +207,16 @@ def distribution(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) ->
 
 
 def run_evomerge(yml: Path, out: Path) -> tuple[bool, str]:
-    proc = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(yml), "--out", str(out), "--force", "--seed", "0"],
-                          capture_output=True, text=True)
-    return proc.returncode == 0, (proc.stdout + proc.stderr).strip().splitlines()[-1] if (proc.stdout + proc.stderr).strip() else ""
+    """The CLI as a user runs it (same interpreter as this script, i.e. the project venv); (ok, last output line)."""
+    cmd = [sys.executable, "-m", "evomerge", "merge", str(yml), "--out", str(out), "--force", "--seed", "0"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode == 0, lines[-1] if lines else ""
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tol", type=float, default=1e-5, help="max abs diff allowed for deterministic methods (default 1e-5)")
+    ap.add_argument("--tol", type=float, default=1e-5, help="max abs diff, deterministic methods (default 1e-5)")
     ap.add_argument("--random-tol", type=float, default=0.02,
                     help="random methods: allowed gap in the share of base-valued entries and relative gap in the "
                          "merged task vector's L2 norm (default 0.02)")
@@ -223,8 +238,9 @@ def main() -> int:
     evo_s = time.perf_counter() - t0
 
     jobs = [{"name": name, "yaml": str(yml), "out": str(mk_dir / name)} for name, yml in ymls.items()]
-    jobs += [{"name": f"{name}@roundtrip", "yaml": str(evo_dir / name / "mergekit_config.yml"), "out": str(rt_dir / name)}
-             for name in ymls if (evo_dir / name / "mergekit_config.yml").is_file()]
+    written = {name: evo_dir / name / "mergekit_config.yml" for name in ymls}  # evomerge's Recipe.to_mergekit()
+    jobs += [{"name": f"{name}@roundtrip", "yaml": str(y), "out": str(rt_dir / name)}
+             for name, y in written.items() if y.is_file()]
     t0 = time.perf_counter()
     result = run_mergekit(jobs, seed=0)
     mk_s = time.perf_counter() - t0
@@ -254,7 +270,8 @@ def main() -> int:
         row = f"{name:<17}" + "".join(f"{diffs.get(s, float('nan')):>13.2e}" for s in SETS)
         if name in RANDOM_METHODS:
             (share_e, norm_e), (share_m, norm_m) = distribution(evo, base_sd), distribution(mk, base_sd)
-            ok = abs(share_e - share_m) <= args.random_tol and abs(norm_e / norm_m - 1) <= args.random_tol and rt_orig == 0
+            close = abs(share_e - share_m) <= args.random_tol and abs(norm_e / norm_m - 1) <= args.random_tol
+            ok = close and rt_orig == 0
             verdict = (f"{'ok' if ok else 'FAIL'} (random: at-base share {share_e:.4f} vs {share_m:.4f}, "
                        f"|delta| {norm_e:.4f} vs {norm_m:.4f})")
             row += f"{'-':>11}{rt_orig:>11.2e}  {verdict}"

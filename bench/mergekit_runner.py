@@ -87,7 +87,7 @@ def main(jobs_path: str, result_path: str) -> int:
                         entry["times_s"].append(elapsed)
                     print(f"mergekit {job['name']}: {elapsed * 1e3:.1f} ms{' (warm-up)' if i < warmup else ''}",
                           file=sys.stderr, flush=True)
-            except Exception as e:  # report and go on: one failing recipe should not hide the others
+            except Exception as e:  # noqa: BLE001  (report and go on: one failing recipe should not hide the others)
                 entry["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
     finally:

@@ -120,14 +120,17 @@ def bench_size(size: str, args, device: torch.device, bandwidth: float) -> tuple
     for name, path in yaml_paths.items():
         recipe = Recipe.from_mergekit(yaml.safe_load(path.read_text()), where=str(path))  # as the CLI reads it
         run = functools.partial(m.materialize, recipe, seed=0)
-        first[name] = timed(run, device)  # warm-up: scratch buffers, magnitude indexes
-        secs = [timed(run, device) for _ in range(args.repeats)]
         n_deltas = sum(1 for e in recipe.inputs() if e.model != base)
         moved = (1 + n_deltas + 1) * params * 4  # base + task vectors in, merged model out (fp32)
-        median = statistics.median(secs)
-        rows.append({"size": size, "params": params, "method": name, "evomerge_s": median,
-                     "evomerge_all_s": secs, "bytes_moved": moved, "bound_s": moved / bandwidth})
-        print(f"evomerge {name}: median {median * 1e3:.1f} ms (warm-up {first[name] * 1e3:.1f} ms)", flush=True)
+        row = {"size": size, "params": params, "method": name, "bytes_moved": moved, "bound_s": moved / bandwidth}
+        for mode in ("eager", "fused"):
+            m.workspace.fused = mode == "fused"  # same materializer, same resident data: only the kernel differs
+            first[f"{name} {mode}"] = timed(run, device)  # warm-up: scratch, sorted magnitudes, compilation
+            secs = [timed(run, device) for _ in range(args.repeats)]
+            row[f"{mode}_s"], row[f"{mode}_all_s"] = statistics.median(secs), secs
+            print(f"evomerge {name} {mode}: median {row[f'{mode}_s'] * 1e3:.1f} ms "
+                  f"(warm-up {first[f'{name} {mode}'] * 1e3:.1f} ms)", flush=True)
+        rows.append(row)
     model_bytes = sum(t.numel() * t.element_size() for _, t in m.named_tensors())
     info = {"size": size, "params": params, "load_s": load_s, "build_model_s": build_model_s, "first_s": first,
             "resident_bytes": m.resident_bytes(), "model_bytes": model_bytes, "scratch_bytes": m.workspace.nbytes()}
@@ -156,17 +159,19 @@ def fmt_ms(s: float | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["size", "params", "method", "evomerge ms", "mergekit ms", "speedup", "bound ms", "evomerge/bound"]
+    head = ["size", "params", "method", "eager ms", "fused ms", "mergekit ms", "speedup eager", "speedup fused",
+            "bound ms", "eager/bound", "fused/bound"]
     body = []
     for r in rows:
         mk = r.get("mergekit_s")
+        speedup = lambda mode: "-" if mk is None else f"{mk / r[f'{mode}_s']:.1f}x"  # noqa: E731
         body.append([
-            r["size"], f"{r['params']:,}", r["method"], fmt_ms(r["evomerge_s"]), fmt_ms(mk),
-            "-" if mk is None else f"{mk / r['evomerge_s']:.1f}x", fmt_ms(r["bound_s"]),
-            f"{r['evomerge_s'] / r['bound_s']:.2f}",
+            r["size"], f"{r['params']:,}", r["method"], fmt_ms(r["eager_s"]), fmt_ms(r["fused_s"]), fmt_ms(mk),
+            speedup("eager"), speedup("fused"), fmt_ms(r["bound_s"]),
+            f"{r['eager_s'] / r['bound_s']:.2f}", f"{r['fused_s'] / r['bound_s']:.2f}",
         ])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     print(line(head))
     print("  ".join("-" * w for w in widths))
     for b in body:

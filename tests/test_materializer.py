@@ -87,3 +87,18 @@ def test_recipe_must_use_the_loaded_sources(materializer):
         materializer.materialize(Recipe.build("linear", {"elsewhere": {"weight": 1.0}}))
     with pytest.raises(RecipeError, match="differs from the materializer's base"):
         materializer.materialize(Recipe.build("ties", {"s0": {"weight": 1.0}}, base_model="s1"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_bf16", "gpt2_tied"])
+def test_live_model_holding_a_source_computes_what_transformers_loads(family, request):
+    """The live model (built without random init, written in place) is a faithful model: with one
+    source's weights in it, its logits equal those of the source loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    fam = request.getfixturevalue(family)
+    m = Materializer(_sources(fam), "base")
+    live = m.materialize(Recipe.build("linear", {"s1": {"weight": 1.0}}))
+    loaded = AutoModelForCausalLM.from_pretrained(fam.sources[1]).eval()
+    ids = torch.tensor([[1, 7, 3, 9, 4]])
+    with torch.no_grad():
+        assert torch.equal(live(ids).logits, loaded(ids).logits)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from evomerge.merge.methods import METHODS, merge_tensors
-from evomerge.merge.sparsify import MagnitudeIndex, keep_top
+from evomerge.merge.methods import METHODS, Workspace, merge_tensors
+from evomerge.merge.sparsify import SortedMagnitudes, apply_rank_range, rank_range
 
 B = torch.tensor([1.0, 1.0, 1.0, 1.0])
 X = B + torch.tensor([1.0, -2.0, 3.0, 0.0])
@@ -84,27 +84,65 @@ def test_model_stock_moves_toward_the_average_by_the_cosine_rule():
     assert close(orthogonal, b)  # cos 0 -> t 0: keep the base
 
 
-def _brute_top_k(x, k):
-    order = sorted(range(x.numel()), key=lambda i: (-abs(x[i].item()), i))
+def _brute_rank_range(x, upto, skip):
+    order = sorted(range(x.numel()), key=lambda i: (-abs(x[i].item()), i))  # ties: lowest index first
     out = torch.zeros_like(x)
-    out[order[:k]] = x[order[:k]]
+    out[order[skip:upto]] = x[order[skip:upto]]
     return out
 
 
-@pytest.mark.parametrize("n,levels", [(257, 1000), (5000, 7), (70_000, 13)])
-def test_exact_top_k_with_and_without_index_matches_a_stable_sort(n, levels):
+@pytest.mark.parametrize("n,levels", [(257, 1000), (3000, 7), (70_000, 13)])
+def test_exact_rank_ranges_with_and_without_sorted_magnitudes_match_a_stable_sort(n, levels):
     gen = torch.Generator().manual_seed(n)
     x = (torch.randint(-levels, levels + 1, (n,), generator=gen) / levels).float()  # many ties
-    index = MagnitudeIndex(x)
-    buf = torch.empty_like(x)
-    for k in (0, 1, n // 7, n // 2, n - 1, n):
-        expect = _brute_top_k(x, k) if n < 10_000 else None
-        a = keep_top(x, k, buf.clone(), index)
-        b = keep_top(x, k, buf.clone())
-        assert torch.equal(a, b)
-        assert int((a != 0).sum()) <= k and int((a != 0).sum() + (x == 0).sum()) >= k
-        if expect is not None:
-            assert torch.equal(a, expect)
+    sm = SortedMagnitudes(x)
+    for upto, skip in [(0, 0), (1, 0), (n // 7, 0), (n // 2, n // 9), (n - 1, 1), (n, 0), (n, n // 3), (5, 5)]:
+        fast = apply_rank_range(x, rank_range(x, upto, skip, sm), torch.empty_like(x), torch.empty_like(x))
+        ref = apply_rank_range(x, rank_range(x, upto, skip), torch.empty_like(x), torch.empty_like(x))
+        assert torch.equal(fast, ref), (upto, skip)
+        if n < 10_000:
+            assert torch.equal(fast, _brute_rank_range(x, upto, skip)), (upto, skip)
+
+
+def test_distinct_magnitudes_give_an_exact_cut_with_no_position_lists():
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    r = rank_range(x, 3000, 100, SortedMagnitudes(x))
+    assert r.exact
+    kept = apply_rank_range(x, r, torch.empty_like(x), torch.empty_like(x))
+    assert int((kept != 0).sum()) == 2900
+
+
+METHOD_CASES = [
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("ties", {"density": [0.3, 0.6, 1.0]}),
+    ("ties", {"density": [0.5, 0.5, 0.2], "rescale": True, "normalize": False}),
+    ("dare_linear", {"density": [0.4, 0.5, 0.9]}),
+    ("dare_ties", {"density": [0.4, 0.5, 0.9], "normalize": True}),
+    ("breadcrumbs", {"density": [0.5, 0.6, 0.7], "gamma": [0.05, 0.1, 0.0]}),
+    ("breadcrumbs_ties", {"density": [0.5, 0.6, 0.7], "gamma": [0.05, 0.1, 0.0]}),
+    ("della", {"density": [0.5, 0.4, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,params", METHOD_CASES)
+def test_fused_kernel_equals_the_eager_kernel(method, params):
+    """The compiled combine (one pass over memory) computes what the eager ops compute."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(96, 40, generator=gen)
+    deltas = [torch.randn(96, 40, generator=gen) * 0.1 for _ in range(3)]
+    deltas[1][:10, :10] = 0.05  # tied magnitudes across a cut
+    spec = METHODS[method]
+    kw = {("lam" if k == "lambda" else k): v for k, v in params.items()}
+    kw["weight"] = [0.5, -0.2, 0.9]
+    if spec.uses_magnitude:
+        kw["magnitudes"] = [SortedMagnitudes(d) for d in deltas]
+    results = []
+    for fused in (False, True):
+        if spec.random:
+            kw["generator"] = torch.Generator().manual_seed(9)
+        results.append(spec.fn(base, list(deltas), ws=Workspace(fused=fused), **kw))
+    assert torch.allclose(results[0], results[1], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])

@@ -19,14 +19,16 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from evomerge.merge.fused import fused_combine
 from evomerge.merge.sparsify import (
-    MagnitudeIndex,
+    RankRange,
+    SortedMagnitudes,
+    apply_rank_range,
     bernoulli_into,
     bernoulli_tensor,
-    drop_top,
     keep_fraction_count,
-    keep_top,
     ranks_as_float,
+    rank_range,
     row_ranks,
 )
 from evomerge.registry import Registry
@@ -55,7 +57,7 @@ class MergeMethod:
     min_models: int = 1  # merged models, base excluded where needs_base
     max_models: int | None = None
     random: bool = False
-    uses_magnitude: bool = False  # takes `index`: a MagnitudeIndex per task vector
+    uses_magnitude: bool = False  # takes `magnitudes`: SortedMagnitudes per task vector
     uses_ranks: bool = False  # takes `ranks`: row_ranks() per task vector
     description: str = ""
 
@@ -67,9 +69,11 @@ METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 class Workspace:
-    """Reusable flat scratch buffers, one per named slot, grown to the largest request seen."""
+    """Scratch buffers, one per named slot, grown to the largest request seen; and the choice of
+    combine kernel (fused: one compiled pass over memory, for callers that merge many times)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused
         self._bufs: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
     def get_flat(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -96,62 +100,67 @@ def _out(out: Tensor | None, base: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Sparsifiers: return delta i with the dropped entries zeroed (in `buf`, or delta itself if none is).
+# Sparsifiers. Each returns (src, keep): the model's contribution is src where keep says so.
+# Magnitude methods return the task vector itself with an exact rank range (applied later, fused
+# with the combine); random ones write the masked task vector into `buf`.
 # ------------------------------------------------------------------------------------------------
 
 
-def sparsify_magnitude(delta: Tensor, density: float, ws: Workspace, buf: Tensor, index: MagnitudeIndex | None = None) -> Tensor:
+def sparsify_magnitude(delta: Tensor, density: float, buf: Tensor, sm: SortedMagnitudes | None = None):
     """TIES: keep the max(1, int(density * n)) largest-magnitude entries."""
     if density >= 1:
-        return delta
+        return delta, KEEP_ALL
     if density <= 0:
-        return buf.zero_()
-    return keep_top(delta, max(1, keep_fraction_count(density, delta.numel())), buf, index)
+        return delta, KEEP_NONE
+    return delta, rank_range(delta, max(1, keep_fraction_count(density, delta.numel())), 0, sm)
 
 
-def sparsify_outliers(delta: Tensor, density: float, gamma: float, ws: Workspace, buf: Tensor, index: MagnitudeIndex | None = None) -> Tensor:
+def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, sm: SortedMagnitudes | None = None):
     """Breadcrumbs: drop the gamma fraction of largest magnitudes, keep the next `density` fraction."""
     if density >= 1:
-        return delta
+        return delta, KEEP_ALL
     n = delta.numel()
     keep = keep_fraction_count(density, n)
     top = min(int(gamma * n), n - keep)  # too few small entries left: drop fewer of the large ones
-    keep_top(delta, keep + top, buf, index)
-    return drop_top(delta, top, buf, ws.get("outliers", delta), index)
+    return delta, rank_range(delta, keep + top, top, sm)
 
 
-def sparsify_random(delta: Tensor, density: float, ws: Workspace, buf: Tensor, gen: torch.Generator) -> Tensor:
+def sparsify_random(delta: Tensor, density: float, buf: Tensor, gen: torch.Generator, words: Tensor):
     """DARE: keep each entry with probability density (resolution 2^-16)."""
     if density >= 1:
-        return delta
-    words = ws.get_flat("random_words", (delta.numel() + 3) // 4, torch.int64, delta.device)
+        return delta, KEEP_ALL
     bernoulli_into(buf, density, gen, words)
-    return buf.mul_(delta)
+    return buf.mul_(delta), KEEP_ALL
 
 
-def sparsify_della(
-    delta: Tensor, density: float, epsilon: float, ws: Workspace, buf: Tensor, gen: torch.Generator, ranks: Tensor | None = None
-) -> Tensor:
+def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, gen: torch.Generator, ranks: Tensor | None = None):
     """DELLA MagPrune: along each row the keep probability rises linearly with magnitude rank,
     from density - epsilon (smallest) to density + epsilon (largest)."""
     if density >= 1:
-        return delta
+        return delta, KEEP_ALL
     if density <= 0:
-        return buf.zero_()
+        return delta, KEEP_NONE
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     m = rows.shape[1]
     rank = ranks_as_float(ranks if ranks is not None else row_ranks(delta)).view(rows.shape)  # 0 = smallest in its row
     span = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
     mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, gen)
     torch.mul(rows, mask, out=buf.view(rows.shape))
-    return buf
+    return buf, KEEP_ALL
 
 
-def l1_rescale(delta: Tensor, kept: Tensor) -> float:
-    """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0."""
-    before = float(torch.linalg.vector_norm(delta, ord=1))
-    after = float(torch.linalg.vector_norm(kept, ord=1))
-    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+KEEP_ALL = RankRange(-1.0, math.inf)
+KEEP_NONE = RankRange(math.inf, math.inf)
+
+
+@dataclass
+class Part:
+    """One model's contribution to a task-arithmetic merge: coef * (src where `keep`)."""
+
+    src: Tensor
+    keep: RankRange
+    weight: float  # the model's weight (what the consensus divisor counts)
+    coef: float  # weight times the rescale factor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,67 +172,91 @@ def _combine(
     base: Tensor,
     deltas: Sequence[Tensor | None],
     weight: Sequence[float],
-    sparsify: Callable[[int, Tensor, Workspace, Tensor], Tensor] | None,  # (i, delta_i, ws, buf) -> kept
+    sparsify: Callable[[int, Tensor, Tensor], tuple[Tensor, RankRange]] | None,  # (i, delta_i, buf) -> (src, keep)
     *,
     consensus: bool,
     normalize: bool,
     lam: float,
     rescale: bool = False,
+    l1: Sequence[float | None] | None = None,
     out: Tensor | None,
     ws: Workspace | None,
 ) -> Tensor:
     ws = _ws(ws)
     out = _out(out, base)
     # The base model's own (zero) task vector contributes nothing; mergekit leaves it out entirely.
-    items = [(w, d) for w, d in zip(weight, deltas) if d is not None]
+    l1 = list(l1) if l1 is not None else [None] * len(deltas)
+    items = [(w, d, n1) for w, d, n1 in zip(weight, deltas, l1) if d is not None]
     if not items:
-        out.copy_(base)
-        return out
+        return out.copy_(base)
+
+    parts = []
+    for i, (w, d, d_l1) in enumerate(items):
+        buf = ws.get(f"part{i}", base)
+        src, keep = sparsify(i, d, buf) if sparsify else (d, KEEP_ALL)
+        if not keep.exact or (rescale and keep != KEEP_ALL):  # tied cuts, or the kept L1 norm is needed
+            src, keep = apply_rank_range(src, keep, buf, ws.get("cut", base)), KEEP_ALL
+        factor = l1_rescale(d, src, d_l1) if rescale and src is not d else 1.0
+        parts.append(Part(src, keep, w, w * factor))
 
     if not consensus:
-        divisor = sum(w for w, _ in items) if normalize else 1.0
+        divisor = sum(p.weight for p in parts) if normalize else 1.0
         if abs(divisor) < 1e-8:
             divisor = 1.0
+        for p in parts:
+            p.coef *= lam / divisor
+    combine = fused_combine if ws.fused else _combine_eager
+    combine(out, base, parts, lam=lam, consensus=consensus, normalize=normalize, ws=ws)
+    return out
+
+
+def _combine_eager(out: Tensor, base: Tensor, parts: list[Part], *, lam: float, consensus: bool, normalize: bool, ws: Workspace) -> None:
+    """The combine step in plain torch ops, every intermediate in reusable scratch."""
+    if not consensus:
         out.copy_(base)
-        buf = ws.get("sparse", base)
-        for i, (w, d) in enumerate(items):
-            kept = sparsify(i, d, ws, buf) if sparsify else d
-            factor = l1_rescale(d, kept) if rescale and kept is not d else 1.0
-            out.add_(kept, alpha=w * factor * lam / divisor)
-        return out
+        for p in parts:
+            out.add_(_kept(p, ws, "kept"), alpha=p.coef)
+        return
 
     # TIES sign consensus: elect the sign of the weighted sum per entry; average the entries that agree.
     weighted = []
-    for i, (w, d) in enumerate(items):
-        buf = ws.get(f"weighted{i}", base)
-        kept = sparsify(i, d, ws, buf) if sparsify else d
-        factor = l1_rescale(d, kept) if rescale and kept is not d else 1.0
-        torch.mul(kept, w * factor, out=buf)
-        weighted.append(buf)
+    for i, p in enumerate(parts):
+        wd = torch.mul(_kept(p, ws, f"kept{i}"), p.coef, out=ws.get(f"weighted{i}", base))
+        weighted.append(wd)
     sign = ws.get("sign", base)
     sign.copy_(weighted[0])
     for wd in weighted[1:]:
         sign.add_(wd)
     torch.copysign(torch.ones((), device=base.device), sign, out=sign)  # +1 where the sum is >= 0
-    agreeing = ws.get("agreeing", base)  # sum of |weighted| over agreeing models, in the elected direction
-    divisor = ws.get("divisor", base)
+    agreeing = ws.get("agreeing", base).zero_()  # sum of |weighted| over agreeing models, in the elected direction
+    divisor = ws.get("divisor", base).zero_()
     tmp = ws.get("tmp", base)
-    agreeing.zero_()
-    divisor.zero_()
-    for (w, _), wd in zip(items, weighted):
+    for p, wd in zip(parts, weighted):
         torch.mul(wd, sign, out=tmp)
         tmp.clamp_min_(0)
         agreeing.add_(tmp)
         if normalize:
             torch.sign(tmp, out=tmp)  # 1 where this model agrees (and is non-zero)
-            divisor.add_(tmp, alpha=w)
+            divisor.add_(tmp, alpha=p.weight)
     agreeing.mul_(sign)
     if normalize:
         torch.eq(divisor, 0, out=tmp)
         divisor.add_(tmp)  # nothing agreed: divide by 1, as mergekit does
         agreeing.div_(divisor)
     torch.add(base, agreeing, alpha=lam, out=out)
-    return out
+
+
+def _kept(p: Part, ws: Workspace, slot: str) -> Tensor:
+    if p.keep == KEEP_ALL:
+        return p.src
+    return apply_rank_range(p.src, p.keep, ws.get(slot, p.src), ws.get("cut", p.src))
+
+
+def l1_rescale(delta: Tensor, kept: Tensor, delta_l1: float | None = None) -> float:
+    """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0."""
+    before = delta_l1 if delta_l1 is not None else float(torch.linalg.vector_norm(delta, ord=1))
+    after = float(torch.linalg.vector_norm(kept, ord=1))
+    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
 def _register(name: str, params: tuple[Param, ...], **kw):
@@ -271,44 +304,46 @@ def task_arithmetic(base, deltas, *, weight, lam=1.0, normalize=False, int8_mask
 
 
 @_register("ties", (WEIGHT, DENSITY, LAMBDA, _normalize(True), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)
-def ties(base, deltas, *, weight, density, lam=1.0, normalize=True, rescale=False, int8_mask=False, out=None, ws=None, index=None):
+def ties(base, deltas, *, weight, density, lam=1.0, normalize=True, rescale=False, int8_mask=False, out=None, ws=None, magnitudes=None, l1=None):
     """TIES: keep each task vector's largest-magnitude entries, elect signs, average the agreeing ones."""
-    idx, dens = _present(deltas, index), _present(deltas, density)
-    sp = lambda i, d, ws, buf: sparsify_magnitude(d, dens[i], ws, buf, idx[i])  # noqa: E731
-    return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+    sm, dens = _present(deltas, magnitudes), _present(deltas, density)
+    sp = lambda i, d, buf: sparsify_magnitude(d, dens[i], buf, sm[i])  # noqa: E731
+    return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
 
 def _dare(consensus: bool):
-    def dare(base, deltas, *, weight, density, lam=1.0, normalize=False, rescale=True, int8_mask=False, out=None, ws=None, generator=None):
+    def dare(base, deltas, *, weight, density, lam=1.0, normalize=False, rescale=True, int8_mask=False, out=None, ws=None, generator=None, l1=None):
         """DARE: drop task-vector entries at random (keep probability density), rescale to the same L1 norm."""
         gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
+        ws = _ws(ws)
+        words = ws.get_flat("random_words", (base.numel() + 3) // 4, torch.int64, base.device)
         dens = _present(deltas, density)
-        sp = lambda i, d, ws, buf: sparsify_random(d, dens[i], ws, buf, gen)  # noqa: E731
-        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+        sp = lambda i, d, buf: sparsify_random(d, dens[i], buf, gen, words)  # noqa: E731
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return dare
 
 
 def _breadcrumbs(consensus: bool):
-    def breadcrumbs(base, deltas, *, weight, density, gamma=0.01, lam=1.0, normalize=False, rescale=False, int8_mask=False, out=None, ws=None, index=None):
+    def breadcrumbs(base, deltas, *, weight, density, gamma=0.01, lam=1.0, normalize=False, rescale=False, int8_mask=False, out=None, ws=None, magnitudes=None, l1=None):
         """Model Breadcrumbs: drop both the largest (gamma) and the smallest task-vector entries."""
-        idx, dens, gam = _present(deltas, index), _present(deltas, density), _present(deltas, gamma)
-        sp = lambda i, d, ws, buf: sparsify_outliers(d, dens[i], gam[i], ws, buf, idx[i])  # noqa: E731
-        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+        sm, dens, gam = _present(deltas, magnitudes), _present(deltas, density), _present(deltas, gamma)
+        sp = lambda i, d, buf: sparsify_outliers(d, dens[i], gam[i], buf, sm[i])  # noqa: E731
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return breadcrumbs
 
 
 def _della(consensus: bool):
-    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, generator=None, ranks=None):
+    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, generator=None, ranks=None, l1=None):
         """DELLA: drop entries at random, larger magnitudes kept more often; rescale to the same L1 norm."""
         gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
         dens, eps, rk = _present(deltas, density), _present(deltas, epsilon), _present(deltas, ranks)
         for d_, e_ in zip(dens, eps):
             if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
                 raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {d_}, epsilon {e_})")
-        sp = lambda i, d, ws, buf: sparsify_della(d, dens[i], eps[i], ws, buf, gen, rk[i])  # noqa: E731
-        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, out=out, ws=ws)
+        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, gen, rk[i])  # noqa: E731
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return della
 

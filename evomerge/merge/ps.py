@@ -4,12 +4,14 @@ Sources are read once onto the device: the reference (base) model's tensors and 
 source's task vector (source - base), in float32. Each `materialize(recipe)` writes the merged
 tensors into the same preallocated model: no disk, no new model object, no per-candidate
 allocation beyond reusable scratch. Memory: base + task vectors + one live model + scratch
-(a few tensors of the largest shape) + magnitude indexes (1 byte per entry, built on first use by
-TIES-like methods).
+(a few tensors of the largest shape) + data derived from the task vectors on first use by the
+methods that need it (sorted magnitudes for TIES/breadcrumbs, 4 bytes per entry; row ranks for
+DELLA, 2 bytes per entry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -21,7 +23,7 @@ from evomerge.errors import RecipeError
 from evomerge.io import Checkpoint, check_compatible
 from evomerge.merge.methods import Workspace
 from evomerge.merge.recipe import Recipe, layer_position
-from evomerge.merge.sparsify import MagnitudeIndex, row_ranks
+from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,16 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def _skip_weight_init():
+    """transformers' context that skips random initialization (seconds for large models), if it has one."""
+    try:
+        from transformers.initialization import no_init_weights
+
+        return no_init_weights()
+    except ImportError:
+        return contextlib.nullcontext()
+
+
 class Materializer:
     def __init__(
         self,
@@ -43,8 +55,10 @@ class Materializer:
         device: str | torch.device = "cpu",
         model_dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
+        fused: bool = False,
     ) -> None:
-        """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference."""
+        """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
+        fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes)."""
         if base not in sources:
             raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
         self.device = torch.device(device)
@@ -67,9 +81,10 @@ class Materializer:
             if name == base:
                 continue
             self.deltas[name] = {n: t.float().sub_(self.base[n]) for n, t in ck.iter_tensors(self.float_names, device=self.device)}
-        self._indexes: dict[tuple[str, str], MagnitudeIndex] = {}
+        self._magnitudes: dict[tuple[str, str], SortedMagnitudes] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
-        self.workspace = Workspace()
+        self._l1: dict[tuple[str, str], float] = {}
+        self.workspace = Workspace(fused=fused)
         self._model = None
         self._targets: dict[str, torch.Tensor] | None = None
 
@@ -85,8 +100,9 @@ class Materializer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(self.reference.path)
-        with torch.device(self.device):
+        with torch.device(self.device), _skip_weight_init():  # every weight is overwritten by materialize
             model = AutoModelForCausalLM.from_config(config, dtype=self.model_dtype)
+        model.tie_weights()  # skipped along with the initialization
         model.eval()
         state = model.state_dict()  # detached tensors sharing storage with the parameters
         missing = [n for n in self.names if n not in state]
@@ -122,10 +138,13 @@ class Materializer:
                 kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
                 if spec.random:
                     kwargs["generator"] = torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name))
+                derived = lambda cache, build: [None if m == self.base_name else self._cached(cache, build, m, name) for m in inputs]  # noqa: E731
                 if spec.uses_magnitude:
-                    kwargs["index"] = [None if m == self.base_name else self._cached(self._indexes, MagnitudeIndex, m, name) for m in inputs]
+                    kwargs["magnitudes"] = derived(self._magnitudes, SortedMagnitudes)
                 if spec.uses_ranks:
-                    kwargs["ranks"] = [None if m == self.base_name else self._cached(self._ranks, row_ranks, m, name) for m in inputs]
+                    kwargs["ranks"] = derived(self._ranks, row_ranks)
+                if spec.param("rescale") is not None and kwargs["rescale"]:
+                    kwargs["l1"] = derived(self._l1, lambda d: float(torch.linalg.vector_norm(d, ord=1)))
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
                 try:
                     result = spec.fn(base, deltas, out=out, ws=self.workspace, **kwargs)
@@ -159,5 +178,5 @@ class Materializer:
 
     def resident_bytes(self) -> int:
         tensors = list(self.base.values()) + [t for d in self.deltas.values() for t in d.values()]
-        derived = sum(i.nbytes() for i in self._indexes.values()) + sum(r.numel() * r.element_size() for r in self._ranks.values())
+        derived = sum(m.nbytes() for m in self._magnitudes.values()) + sum(r.numel() * r.element_size() for r in self._ranks.values())
         return sum(t.numel() * t.element_size() for t in tensors) + derived

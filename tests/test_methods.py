@@ -140,7 +140,7 @@ def test_fused_kernel_equals_the_eager_kernel(method, params):
     results = []
     for fused in (False, True):
         if spec.random:
-            kw["generator"] = torch.Generator().manual_seed(9)
+            kw["seed"] = 9
         results.append(spec.fn(base, list(deltas), ws=Workspace(fused=fused), **kw))
     assert torch.allclose(results[0], results[1], atol=1e-6, rtol=1e-6)
 
@@ -151,7 +151,7 @@ def test_random_methods_are_reproducible_from_the_seed(method):
     base = torch.randn(64, 32, generator=gen)
     models = [base + torch.randn(64, 32, generator=gen) * 0.1 for _ in range(2)]
     kw = dict(weight=[0.6, 0.4], density=[0.5, 0.4])
-    run = lambda seed: merge_tensors(method, models, base=base, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    run = lambda seed: merge_tensors(method, models, base=base, seed=seed, **kw)  # noqa: E731
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
 
@@ -159,7 +159,7 @@ def test_random_methods_are_reproducible_from_the_seed(method):
 def _sparsified(method, delta, seed, rescale=True, density=0.3, **extra):
     base = torch.zeros_like(delta)
     return merge_tensors(method, [base + delta], base=base, weight=[1.0], density=[density], rescale=rescale,
-                         generator=torch.Generator().manual_seed(seed), **extra)
+                         seed=seed, **extra)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])

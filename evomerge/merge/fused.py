@@ -16,10 +16,23 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from evomerge.merge.sparsify import hash_lanes
+
+KEEP_EVERY = 1 << 16  # a draw threshold that keeps every entry
+
 log = logging.getLogger(__name__)
 
-_compiled = None
+_compiled: dict[str, object] = {}
 _broken = False
+
+
+def _keep(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, random: bool) -> Tensor:
+    """Bool mask of the entries kept: lo < |s| <= hi, and (if random) a hash draw below threshold."""
+    a = s.abs()
+    keep = (a > lo) & (a <= hi)
+    if random:
+        keep = keep & (hash_lanes(torch.arange(s.shape[0], device=s.device), seed) < threshold)
+    return keep
 
 
 def _kernel(
@@ -28,16 +41,19 @@ def _kernel(
     srcs: list[Tensor],  # N x (n,)
     lo: Tensor,  # (N,) entry i of src kept where lo < |src| <= hi
     hi: Tensor,  # (N,)
+    seeds: Tensor,  # (N,) int64, and where random: hash_lanes(position, seed) < threshold
+    thresholds: Tensor,  # (N,) int64; 2^16 keeps everything
     coef: Tensor,  # (N,) multiplies the kept entries
     weight: Tensor,  # (N,) what the consensus divisor counts
     lam: Tensor,  # ()
     consensus: bool,
     normalize: bool,
+    random: bool,
 ) -> None:
     kept = []
     for i, s in enumerate(srcs):
-        a = s.abs()
-        kept.append(torch.where((a > lo[i]) & (a <= hi[i]), s * coef[i], 0.0))
+        keep = _keep(s, lo[i], hi[i], seeds[i], thresholds[i], random)
+        kept.append(torch.where(keep, s * coef[i], 0.0))
     if not consensus:  # coef already carries lambda and the normalization
         total = base
         for k in kept:
@@ -59,34 +75,49 @@ def _kernel(
     out.copy_(base + lam * agreeing)
 
 
-def _compiled_kernel():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_kernel, dynamic=True, fullgraph=True)
-    return _compiled
+def _kept_l1(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, random: bool) -> Tensor:
+    return torch.where(_keep(s, lo, hi, seed, threshold, random), s.abs(), 0.0).sum()
+
+
+def _run(name: str, fn, *args):
+    """fn compiled (once per process and argument structure), or as plain ops if compilation fails."""
+    global _broken
+    if not _broken:
+        try:
+            if name not in _compiled:
+                _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+            return _compiled[name](*args)
+        except Exception as e:  # compilation needs a working compiler toolchain; degrade, don't fail
+            _broken = True
+            log.warning("fused merge kernels unavailable (%s: %s); using eager ops", type(e).__name__, e)
+    return fn(*args)
+
+
+def _draw(part) -> tuple[int, int]:
+    return (part.draw.seed, part.draw.threshold) if part.draw is not None else (0, KEEP_EVERY)
 
 
 def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, consensus: bool, normalize: bool, ws=None) -> None:
     """Same result as the eager combine (up to float rounding), in one pass over memory."""
-    global _broken
     dev = base.device
-    args = (
-        out.view(-1),
-        base.reshape(-1),
-        [p.src.reshape(-1) for p in parts],
-        torch.tensor([p.keep.lo for p in parts], device=dev),
-        torch.tensor([p.keep.hi for p in parts], device=dev),
-        torch.tensor([p.coef for p in parts], device=dev),
-        torch.tensor([p.weight for p in parts], device=dev),
-        torch.tensor(lam, device=dev),
-        consensus,
-        normalize,
+    vec = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=dev)  # noqa: E731
+    draws = [_draw(p) for p in parts]
+    _run(
+        "combine", _kernel,
+        out.view(-1), base.reshape(-1), [p.src.reshape(-1) for p in parts],
+        vec([p.keep.lo for p in parts]), vec([p.keep.hi for p in parts]),
+        vec([d[0] for d in draws], torch.int64), vec([d[1] for d in draws], torch.int64),
+        vec([p.coef for p in parts]), vec([p.weight for p in parts]), vec(lam),
+        consensus, normalize, any(p.draw is not None for p in parts),
     )
-    if not _broken:
-        try:
-            _compiled_kernel()(*args)
-            return
-        except Exception as e:  # compilation needs a working compiler toolchain; degrade, don't fail
-            _broken = True
-            log.warning("fused merge kernel unavailable (%s: %s); using the eager kernel", type(e).__name__, e)
-    _kernel(*args)
+
+
+def fused_kept_l1(part) -> float:
+    """L1 norm of what a part keeps (its cut and draw applied), without writing the kept tensor."""
+    dev = part.src.device
+    seed, threshold = _draw(part)
+    scalar = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=dev)  # noqa: E731
+    return float(_run(
+        "kept_l1", _kept_l1, part.src.reshape(-1), scalar(part.keep.lo), scalar(part.keep.hi),
+        scalar(seed, torch.int64), scalar(threshold, torch.int64), part.draw is not None,
+    ))

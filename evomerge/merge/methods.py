@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from evomerge.merge.fused import fused_combine
+from evomerge.merge.fused import fused_combine, fused_kept_l1
 from evomerge.merge.sparsify import (
     RankRange,
     SortedMagnitudes,
@@ -27,6 +27,8 @@ from evomerge.merge.sparsify import (
     bernoulli_into,
     bernoulli_tensor,
     keep_fraction_count,
+    keep_threshold,
+    model_seed,
     ranks_as_float,
     rank_range,
     row_ranks,
@@ -125,15 +127,14 @@ def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, 
     return delta, rank_range(delta, keep + top, top, sm)
 
 
-def sparsify_random(delta: Tensor, density: float, buf: Tensor, gen: torch.Generator, words: Tensor):
-    """DARE: keep each entry with probability density (resolution 2^-16)."""
+def sparsify_random(delta: Tensor, density: float, seed: int):
+    """DARE: keep each entry with probability density (resolution 2^-16), drawn from `seed`."""
     if density >= 1:
         return delta, KEEP_ALL
-    bernoulli_into(buf, density, gen, words)
-    return buf.mul_(delta), KEEP_ALL
+    return delta, KEEP_ALL, Draw(seed, keep_threshold(density))
 
 
-def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, gen: torch.Generator, ranks: Tensor | None = None):
+def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, seed: int, ranks: Tensor | None = None):
     """DELLA MagPrune: along each row the keep probability rises linearly with magnitude rank,
     from density - epsilon (smallest) to density + epsilon (largest)."""
     if density >= 1:
@@ -144,7 +145,7 @@ def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, g
     m = rows.shape[1]
     rank = ranks_as_float(ranks if ranks is not None else row_ranks(delta)).view(rows.shape)  # 0 = smallest in its row
     span = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
-    mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, gen)
+    mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, seed)
     torch.mul(rows, mask, out=buf.view(rows.shape))
     return buf, KEEP_ALL
 
@@ -153,12 +154,21 @@ KEEP_ALL = RankRange(-1.0, math.inf)
 KEEP_NONE = RankRange(math.inf, math.inf)
 
 
+@dataclass(frozen=True)
+class Draw:
+    """A random keep mask not yet drawn: entry i kept when hash_lanes(i, seed) < threshold."""
+
+    seed: int
+    threshold: int
+
+
 @dataclass
 class Part:
-    """One model's contribution to a task-arithmetic merge: coef * (src where `keep`)."""
+    """One model's contribution to a task-arithmetic merge: coef * (src where `keep` and `draw`)."""
 
     src: Tensor
     keep: RankRange
+    draw: Draw | None
     weight: float  # the model's weight (what the consensus divisor counts)
     coef: float  # weight times the rescale factor
 
@@ -172,7 +182,7 @@ def _combine(
     base: Tensor,
     deltas: Sequence[Tensor | None],
     weight: Sequence[float],
-    sparsify: Callable[[int, Tensor, Tensor], tuple[Tensor, RankRange]] | None,  # (i, delta_i, buf) -> (src, keep)
+    sparsify: Callable[..., tuple] | None,  # (i, delta_i, buf) -> (src, keep[, draw])
     *,
     consensus: bool,
     normalize: bool,
@@ -193,11 +203,17 @@ def _combine(
     parts = []
     for i, (w, d, d_l1) in enumerate(items):
         buf = ws.get(f"part{i}", base)
-        src, keep = sparsify(i, d, buf) if sparsify else (d, KEEP_ALL)
-        if not keep.exact or (rescale and keep != KEEP_ALL):  # tied cuts, or the kept L1 norm is needed
+        src, keep, draw = (*sparsify(i, d, buf), None)[:3] if sparsify else (d, KEEP_ALL, None)
+        # The fused kernel applies exact cuts and random draws itself; otherwise they are applied here.
+        if draw is not None and not ws.fused:
+            bernoulli_into(buf, draw.threshold / 2**16, draw.seed)
+            src, draw = buf.mul_(src), None
+        if not keep.exact or (not ws.fused and rescale and keep != KEEP_ALL):
             src, keep = apply_rank_range(src, keep, buf, ws.get("cut", base)), KEEP_ALL
-        factor = l1_rescale(d, src, d_l1) if rescale and src is not d else 1.0
-        parts.append(Part(src, keep, w, w * factor))
+        part = Part(src, keep, draw, w, w)
+        if rescale and (src is not d or keep != KEEP_ALL or draw is not None):
+            part.coef *= l1_rescale(d, part, d_l1)
+        parts.append(part)
 
     if not consensus:
         divisor = sum(p.weight for p in parts) if normalize else 1.0
@@ -252,10 +268,13 @@ def _kept(p: Part, ws: Workspace, slot: str) -> Tensor:
     return apply_rank_range(p.src, p.keep, ws.get(slot, p.src), ws.get("cut", p.src))
 
 
-def l1_rescale(delta: Tensor, kept: Tensor, delta_l1: float | None = None) -> float:
+def l1_rescale(delta: Tensor, part: Part, delta_l1: float | None = None) -> float:
     """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0."""
     before = delta_l1 if delta_l1 is not None else float(torch.linalg.vector_norm(delta, ord=1))
-    after = float(torch.linalg.vector_norm(kept, ord=1))
+    if part.keep == KEEP_ALL and part.draw is None:
+        after = float(torch.linalg.vector_norm(part.src, ord=1))
+    else:
+        after = fused_kept_l1(part)
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
@@ -312,13 +331,10 @@ def ties(base, deltas, *, weight, density, lam=1.0, normalize=True, rescale=Fals
 
 
 def _dare(consensus: bool):
-    def dare(base, deltas, *, weight, density, lam=1.0, normalize=False, rescale=True, int8_mask=False, out=None, ws=None, generator=None, l1=None):
+    def dare(base, deltas, *, weight, density, lam=1.0, normalize=False, rescale=True, int8_mask=False, out=None, ws=None, seed=0, l1=None):
         """DARE: drop task-vector entries at random (keep probability density), rescale to the same L1 norm."""
-        gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
-        ws = _ws(ws)
-        words = ws.get_flat("random_words", (base.numel() + 3) // 4, torch.int64, base.device)
         dens = _present(deltas, density)
-        sp = lambda i, d, buf: sparsify_random(d, dens[i], buf, gen, words)  # noqa: E731
+        sp = lambda i, d, buf: sparsify_random(d, dens[i], model_seed(seed, i))  # noqa: E731
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return dare
@@ -335,14 +351,13 @@ def _breadcrumbs(consensus: bool):
 
 
 def _della(consensus: bool):
-    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, generator=None, ranks=None, l1=None):
+    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, seed=0, ranks=None, l1=None):
         """DELLA: drop entries at random, larger magnitudes kept more often; rescale to the same L1 norm."""
-        gen = generator if generator is not None else torch.Generator(device=base.device).manual_seed(0)
         dens, eps, rk = _present(deltas, density), _present(deltas, epsilon), _present(deltas, ranks)
         for d_, e_ in zip(dens, eps):
             if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
                 raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {d_}, epsilon {e_})")
-        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, gen, rk[i])  # noqa: E731
+        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, model_seed(seed, i), rk[i])  # noqa: E731
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return della
@@ -417,7 +432,7 @@ def merge_tensors(
     method: str,
     tensors: Sequence[Tensor],
     base: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     **params,
 ) -> Tensor:
     """Reference entry point on raw tensors: merge `tensors` (the base may be one of them, by identity)."""
@@ -427,5 +442,5 @@ def merge_tensors(
     deltas = [None if t is ref else t.float() - ref32 for t in tensors]
     kwargs = {("lam" if k == "lambda" else k): v for k, v in params.items()}
     if spec.random:
-        kwargs["generator"] = generator
+        kwargs["seed"] = seed
     return spec.fn(ref32, deltas, **kwargs)

@@ -137,7 +137,7 @@ class Materializer:
                 deltas = [None if m == self.base_name else self.deltas[m][name] for m in inputs]
                 kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
                 if spec.random:
-                    kwargs["generator"] = torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name))
+                    kwargs["seed"] = tensor_seed(seed, name)
                 derived = lambda cache, build: [None if m == self.base_name else self._cached(cache, build, m, name) for m in inputs]  # noqa: E731
                 if spec.uses_magnitude:
                     kwargs["magnitudes"] = derived(self._magnitudes, SortedMagnitudes)

@@ -7,12 +7,13 @@ search: keep lo < |x| <= hi, which a single pass (or a fused kernel) applies. On
 magnitudes straddle a cut are tied positions looked up, so that exactly k entries are kept (ties go
 to the lowest index, deterministically).
 
-Random masks draw 16-bit uniform lanes from int64 words (four lanes per word, ~8x cheaper than
-`torch.bernoulli` on CPU); keep probabilities are thereby multiples of 2^-16.
+Random masks come from a counter-based hash of (seed, position), 16 bits per entry: the same on
+every device and in every kernel; keep probabilities are thereby multiples of 2^-16.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -118,34 +119,71 @@ def keep_fraction_count(density: float, numel: int) -> int:
     return int(density * numel)
 
 
-def random_lanes(n: int, generator: torch.Generator, device: torch.device, words: torch.Tensor | None = None) -> torch.Tensor:
-    """n uniform int16 lanes (each 16 random bits), four per 64-bit random word."""
-    if words is None or words.numel() < (n + 3) // 4:
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words = words[: (n + 3) // 4]
-    words.random_(-(2**63), None, generator=generator)
-    return words.view(torch.int16)[:n]
+# Random masks come from a counter-based hash of (seed, position): Mueller's 32-bit mixer written in
+# int64 arithmetic that never overflows (every product stays below 2^63). The same draws therefore come
+# out of eager ops, compiled kernels, CPU and GPU, and a fused kernel computes them in registers
+# instead of reading random numbers from memory.
+_K1 = 0x9E3779B1  # < 2^32; positions < 2^31, so position * _K1 + seed < 2^63
+_K2 = 0x045D9F3B  # < 2^27; 32-bit values times it stay below 2^59
+_MASK32 = 0xFFFFFFFF
+_CHUNK = 1 << 16  # eager draws are made in chunks of this many entries
 
 
-def lane_threshold(p: float) -> tuple[int, float]:
-    """(t, p_eff): a lane l is kept when l + 2^15 < t, so P(keep) = p_eff = t / 2^16 = round(p * 2^16) / 2^16."""
-    t = round(min(max(p, 0.0), 1.0) * _LANES)
-    return t, t / _LANES
+def model_seed(seed: int, model: int) -> int:
+    """31-bit seed of one model's draws within one tensor."""
+    digest = hashlib.blake2b(f"{seed}:{model}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def bernoulli_into(out: torch.Tensor, p: float, generator: torch.Generator, words: torch.Tensor | None = None) -> float:
-    """Fill out (float) with a 0/1 mask, each entry 1 with probability p_eff; return p_eff."""
-    t, p_eff = lane_threshold(p)
-    if t >= _LANES:
-        out.fill_(1)
-        return p_eff
-    lanes = random_lanes(out.numel(), generator, out.device, words)
-    torch.lt(lanes.view(out.shape), t - 32768, out=out)
-    return p_eff
+def hash_lanes(positions: torch.Tensor, seed) -> torch.Tensor:
+    """Uniform integers in [0, 2^16) for int64 positions (< 2^31) and a 31-bit seed (int or tensor)."""
+    h = (positions * _K1 + seed) & _MASK32
+    h = ((h ^ (h >> 16)) * _K2) & _MASK32
+    h = ((h ^ (h >> 16)) * _K2) & _MASK32
+    return (h ^ (h >> 16)) >> 16
 
 
-def bernoulli_tensor(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def keep_threshold(p: float) -> int:
+    """A lane is kept when below this: P(keep) = round(p * 2^16) / 2^16."""
+    return round(min(max(p, 0.0), 1.0) * _LANES)
+
+
+def _check_size(n: int) -> None:
+    if n >= 2**31:
+        raise ValueError(f"a tensor of {n} entries is too large for the random masks (limit 2^31)")
+
+
+def _lane_chunks(n: int, seed: int, device: torch.device):
+    """Yield (start, lanes) over positions 0..n-1: hash_lanes computed in place on reused int64 buffers
+    (chunks of 64K entries: fresh int64 temporaries per op would cost more than the hashing)."""
+    _check_size(n)
+    h = torch.empty(min(n, _CHUNK), dtype=torch.int64, device=device)
+    t = torch.empty_like(h)
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        hm, tm = h[:m], t[:m]
+        torch.arange(start, start + m, out=hm)
+        hm.mul_(_K1).add_(seed).bitwise_and_(_MASK32)
+        for _ in range(2):
+            torch.bitwise_right_shift(hm, 16, out=tm)
+            hm.bitwise_xor_(tm).mul_(_K2).bitwise_and_(_MASK32)
+        torch.bitwise_right_shift(hm, 16, out=tm)
+        yield start, hm.bitwise_xor_(tm).bitwise_right_shift_(16)
+
+
+def bernoulli_into(out: torch.Tensor, p: float, seed: int) -> None:
+    """Fill out (float) with a 0/1 mask: entry i is 1 when hash_lanes(i, seed) < keep_threshold(p)."""
+    t = keep_threshold(p)
+    flat = out.view(-1)
+    for start, lanes in _lane_chunks(flat.numel(), seed, out.device):
+        torch.lt(lanes, t, out=flat[start : start + lanes.numel()])
+
+
+def bernoulli_tensor(p: torch.Tensor, seed: int) -> torch.Tensor:
     """0/1 float mask with per-entry keep probabilities p (each rounded to a multiple of 2^-16)."""
-    t = torch.round(p.clamp(0, 1) * _LANES).to(torch.int32)
-    lanes = random_lanes(p.numel(), generator, p.device).view(p.shape).to(torch.int32) + 32768
-    return (lanes < t).to(p.dtype)
+    t = torch.round(p.reshape(-1).clamp(0, 1) * _LANES).long()
+    mask = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+    for start, lanes in _lane_chunks(p.numel(), seed, p.device):
+        end = start + lanes.numel()
+        torch.lt(lanes, t[start:end], out=mask[start:end])
+    return mask.view(p.shape)

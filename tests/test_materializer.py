@@ -102,3 +102,11 @@ def test_live_model_holding_a_source_computes_what_transformers_loads(family, re
     ids = torch.tensor([[1, 7, 3, 9, 4]])
     with torch.no_grad():
         assert torch.equal(live(ids).logits, loaded(ids).logits)
+
+
+def test_plain_tensors_equal_the_live_model_without_building_it(llama):
+    m = Materializer(_sources(llama), "base")
+    plain = {n: t.clone() for n, t in m.merged_tensors(RECIPE_B, seed=4).items()}
+    assert m._model is None  # a one-shot merge never builds (or imports) a transformers model
+    live = m.merged_state_dict(RECIPE_B, seed=4)
+    assert plain.keys() == live.keys() and all(torch.equal(plain[n], live[n]) for n in plain)

@@ -87,6 +87,7 @@ class Materializer:
         self.workspace = Workspace(fused=fused)
         self._model = None
         self._targets: dict[str, torch.Tensor] | None = None
+        self._plain: dict[str, torch.Tensor] | None = None
 
     # -- the live model ----------------------------------------------------------------------------
     @property
@@ -123,8 +124,25 @@ class Materializer:
     # -- merging -----------------------------------------------------------------------------------
     def materialize(self, recipe: Recipe, seed: int = 0):
         """Write recipe's merged weights into the live model and return the model."""
+        self._write(recipe, dict(self.named_tensors()), seed)
+        return self._model
+
+    def merged_tensors(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Merged weights as plain tensors (no live model is built: what a one-shot merge needs).
+        The tensors are reused by the next call: copy them to keep them."""
+        if self._plain is None:
+            self._plain = {n: torch.empty(m.shape, dtype=self.model_dtype if m.dtype.is_floating_point else m.dtype,
+                                          device=self.device) for n, m in self.reference.tensors.items()}
+        self._write(recipe, self._plain, seed)
+        return self._plain
+
+    def merged_state_dict(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Materialize and return copies of the merged tensors (for tests and one-off use)."""
+        self.materialize(recipe, seed)
+        return {n: t.detach().clone() for n, t in self.named_tensors()}
+
+    def _write(self, recipe: Recipe, targets: dict[str, torch.Tensor], seed: int) -> None:
         self._check(recipe)
-        targets = dict(self.named_tensors())
         spec = recipe.spec
         inputs = [e.model for e in recipe.inputs()]
         with torch.no_grad():
@@ -152,12 +170,6 @@ class Materializer:
                     raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
                 if result is not target:
                     target.copy_(result)
-        return self._model
-
-    def merged_state_dict(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Materialize and return copies of the merged tensors (for tests and one-off use)."""
-        self.materialize(recipe, seed)
-        return {n: t.detach().clone() for n, t in self.named_tensors()}
 
     def _cached(self, cache: dict, build, model: str, name: str):
         """Derived data of one task vector (fixed while the sources are loaded), built on first use."""

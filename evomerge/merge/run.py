@@ -72,14 +72,13 @@ def merge_from_yaml(
     materializer = Materializer(paths, base, device=device, model_dtype=out_dtype, allow_pickle=allow_pickle)
     log(f"loaded {len(paths)} models onto {device} in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    materializer.materialize(recipe, seed=seed)
+    tensors = list(materializer.merged_tensors(recipe, seed=seed).items())
     log(f"merged with {recipe.method} in {time.perf_counter() - start:.2f} s")
 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(paths[base])
     config.dtype = materializer.model_dtype
-    tensors = list(materializer.named_tensors())
     save_checkpoint(
         out, tensors, config,
         tokenizer_from=tokenizer_dir, generation_config_from=paths[base],

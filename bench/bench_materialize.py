@@ -164,10 +164,10 @@ def print_table(rows: list[dict]) -> None:
     body = []
     for r in rows:
         mk = r.get("mergekit_s")
-        speedup = lambda mode: "-" if mk is None else f"{mk / r[f'{mode}_s']:.1f}x"  # noqa: E731
+        speedup = {mode: "-" if mk is None else f"{mk / r[f'{mode}_s']:.1f}x" for mode in ("eager", "fused")}
         body.append([
             r["size"], f"{r['params']:,}", r["method"], fmt_ms(r["eager_s"]), fmt_ms(r["fused_s"]), fmt_ms(mk),
-            speedup("eager"), speedup("fused"), fmt_ms(r["bound_s"]),
+            speedup["eager"], speedup["fused"], fmt_ms(r["bound_s"]),
             f"{r['eager_s'] / r['bound_s']:.2f}", f"{r['fused_s'] / r['bound_s']:.2f}",
         ])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]

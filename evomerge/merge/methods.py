@@ -221,8 +221,10 @@ def _combine(
             divisor = 1.0
         for p in parts:
             p.coef *= lam / divisor
-    combine = fused_combine if ws.fused else _combine_eager
-    combine(out, base, parts, lam=lam, consensus=consensus, normalize=normalize, ws=ws)
+    # The compiled kernel wins where there is work to fuse (sign election, cuts, draws); a plain weighted
+    # sum is already one streaming pass per task vector in eager ops.
+    fuse = ws.fused and (consensus or any(p.keep != KEEP_ALL or p.draw is not None for p in parts))
+    (fused_combine if fuse else _combine_eager)(out, base, parts, lam=lam, consensus=consensus, normalize=normalize, ws=ws)
     return out
 
 
@@ -308,7 +310,8 @@ def linear(base, deltas, *, weight, normalize=True, out=None, ws=None):
     if normalize and total == 0:
         raise ValueError("linear weights sum to 0, so they cannot be normalized: change a weight or set normalize: false")
     divisor = total if normalize else 1.0
-    # sum_i w_i (base + delta_i) / divisor
+    # sum_i w_i (base + delta_i) / divisor = base * total / divisor + sum_i (w_i / divisor) delta_i
+    # (plain ops: a streaming pass each, which a compiled kernel does not beat here)
     torch.mul(base, total / divisor, out=out)
     for w, d in zip(weight, deltas):
         if d is not None:

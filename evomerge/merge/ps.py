@@ -12,8 +12,6 @@ DELLA, 2 bytes per entry).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -24,16 +22,9 @@ from evomerge.io import Checkpoint, check_compatible
 from evomerge.merge.methods import Workspace
 from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
-
-log = logging.getLogger(__name__)
+from evomerge.seeds import derive_seed
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """Seed of one tensor's random draws: independent of tensor order and of other tensors."""
-    digest = hashlib.blake2b(f"{seed}:{tensor_name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _skip_weight_init():
@@ -44,6 +35,10 @@ def _skip_weight_init():
         return no_init_weights()
     except ImportError:
         return contextlib.nullcontext()
+
+
+def _l1_norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, ord=1))
 
 
 class Materializer:
@@ -155,14 +150,13 @@ class Materializer:
                 deltas = [None if m == self.base_name else self.deltas[m][name] for m in inputs]
                 kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
                 if spec.random:
-                    kwargs["seed"] = tensor_seed(seed, name)
-                derived = lambda cache, build: [None if m == self.base_name else self._cached(cache, build, m, name) for m in inputs]  # noqa: E731
+                    kwargs["seed"] = derive_seed(seed, name)  # independent of tensor order
                 if spec.uses_magnitude:
-                    kwargs["magnitudes"] = derived(self._magnitudes, SortedMagnitudes)
+                    kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name)
                 if spec.uses_ranks:
-                    kwargs["ranks"] = derived(self._ranks, row_ranks)
+                    kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name)
                 if spec.param("rescale") is not None and kwargs["rescale"]:
-                    kwargs["l1"] = derived(self._l1, lambda d: float(torch.linalg.vector_norm(d, ord=1)))
+                    kwargs["l1"] = self._derived(self._l1, _l1_norm, inputs, name)
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
                 try:
                     result = spec.fn(base, deltas, out=out, ws=self.workspace, **kwargs)
@@ -171,12 +165,13 @@ class Materializer:
                 if result is not target:
                     target.copy_(result)
 
-    def _cached(self, cache: dict, build, model: str, name: str):
-        """Derived data of one task vector (fixed while the sources are loaded), built on first use."""
-        key = (model, name)
-        if key not in cache:
-            cache[key] = build(self.deltas[model][name])
-        return cache[key]
+    def _derived(self, cache: dict, build, inputs: list[str], name: str) -> list:
+        """Data derived from each input's task vector for tensor `name` (fixed while the sources are
+        loaded: built on first use, then cached); None for the base, which has no task vector."""
+        for m in inputs:
+            if m != self.base_name and (m, name) not in cache:
+                cache[m, name] = build(self.deltas[m][name])
+        return [None if m == self.base_name else cache[m, name] for m in inputs]
 
     def _check(self, recipe: Recipe) -> None:
         unknown = [m for m in recipe.model_names() if m not in self.checkpoints]

@@ -13,11 +13,12 @@ every device and in every kernel; keep probabilities are thereby multiples of 2^
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
+
+from evomerge.seeds import derive_seed
 
 _LANES = 1 << 16
 
@@ -130,9 +131,8 @@ _CHUNK = 1 << 16  # eager draws are made in chunks of this many entries
 
 
 def model_seed(seed: int, model: int) -> int:
-    """31-bit seed of one model's draws within one tensor."""
-    digest = hashlib.blake2b(f"{seed}:{model}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+    """31-bit seed of one model's draws within one tensor (hash_lanes needs seeds below 2^31)."""
+    return derive_seed(seed, model, bits=31)
 
 
 def hash_lanes(positions: torch.Tensor, seed) -> torch.Tensor:

@@ -31,16 +31,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (like every other error), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="evomerge",
         description="Evolutionary search for merges of fine-tuned language models.",
     )
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     parser.set_defaults(debug=False)
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
 
     merge = sub.add_parser(

@@ -139,3 +139,16 @@ def test_unusable_device_is_refused_before_any_work(llama, tmp_path):
         out = run("merge", recipe, "--out", tmp_path / "o", "--device", "cuda")
         assert out.returncode == 2 and "no CUDA device" in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_output_over_a_source_model_is_refused_even_with_force(llama, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", ties_doc(llama))
+    before = sorted(p.name for p in llama.sources[0].iterdir())
+    out = run("merge", recipe, "--out", llama.sources[0], "--force")
+    assert out.returncode == 2 and "would overwrite model" in out.stderr
+    assert sorted(p.name for p in llama.sources[0].iterdir()) == before
+
+
+def test_usage_errors_are_one_line():
+    out = run("merge", "r.yml", "--seed", "many")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "invalid int value" in out.stderr

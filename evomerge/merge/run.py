@@ -65,6 +65,10 @@ def merge_from_yaml(
     search = [Path.cwd(), recipe_path.resolve().parent]
     paths = {name: resolve_model(name, search, f"{recipe_path}: model") for name in recipe.model_names()}
     tokenizer_dir = resolve_model(recipe.tokenizer_model(), search, f"{recipe_path}: tokenizer_source")
+    target = out.resolve()
+    for name, path in {**paths, "tokenizer_source": tokenizer_dir}.items():
+        if target == path or target in path.parents:
+            raise EvomergeError(f"--out {out} would overwrite model {name} ({path}): choose another output directory")
     base = recipe.base_model or recipe.models[0].model
 
     start = time.perf_counter()

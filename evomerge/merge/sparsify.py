@@ -127,7 +127,8 @@ def keep_fraction_count(density: float, numel: int) -> int:
 _K1 = 0x9E3779B1  # < 2^32; positions < 2^31, so position * _K1 + seed < 2^63
 _K2 = 0x045D9F3B  # < 2^27; 32-bit values times it stay below 2^59
 _MASK32 = 0xFFFFFFFF
-_CHUNK = 1 << 16  # eager draws are made in chunks of this many entries
+_CHUNK = {"cpu": 1 << 16}  # entries per chunk of eager draws: cache-sized on CPU, large where launches cost
+_CHUNK_DEFAULT = 1 << 24
 
 
 def model_seed(seed: int, model: int) -> int:
@@ -157,10 +158,11 @@ def _lane_chunks(n: int, seed: int, device: torch.device):
     """Yield (start, lanes) over positions 0..n-1: hash_lanes computed in place on reused int64 buffers
     (chunks of 64K entries: fresh int64 temporaries per op would cost more than the hashing)."""
     _check_size(n)
-    h = torch.empty(min(n, _CHUNK), dtype=torch.int64, device=device)
+    chunk = _CHUNK.get(torch.device(device).type, _CHUNK_DEFAULT)
+    h = torch.empty(min(n, chunk), dtype=torch.int64, device=device)
     t = torch.empty_like(h)
-    for start in range(0, n, _CHUNK):
-        m = min(_CHUNK, n - start)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
         hm, tm = h[:m], t[:m]
         torch.arange(start, start + m, out=hm)
         hm.mul_(_K1).add_(seed).bitwise_and_(_MASK32)

@@ -108,20 +108,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from evomerge.merge.methods import METHODS
 
-    table = Table("method", "per-model parameters", "merge-wide parameters", "base", "random")
+    longest = max(map(len, METHODS.names()))
+    table = Table(
+        Column("method", no_wrap=True, min_width=longest),
+        *(Column(h, overflow="fold") for h in ("what it does", "per-model parameters", "merge-wide parameters", "base")),
+    )
     for name in METHODS.names():
         m = METHODS[name]
         fmt = lambda p: p.name + ("" if p.default is None else f"={p.default}")  # noqa: E731
         table.add_row(
             name,
+            m.description.split("\n")[0],
             ", ".join(fmt(p) for p in m.params if p.per_model),
             ", ".join(fmt(p) for p in m.params if not p.per_model),
             "required" if m.needs_base else "optional",
-            "yes" if m.random else "",
         )
     Console().print(table)
     return 0

@@ -152,3 +152,11 @@ def test_output_over_a_source_model_is_refused_even_with_force(llama, tmp_path):
 def test_usage_errors_are_one_line():
     out = run("merge", "r.yml", "--seed", "many")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "invalid int value" in out.stderr
+
+
+def test_methods_lists_every_registered_method():
+    from evomerge.merge.methods import METHODS
+
+    out = run("methods")
+    assert out.returncode == 0
+    assert all(name in out.stdout for name in METHODS.names())

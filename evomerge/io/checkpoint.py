@@ -94,9 +94,6 @@ class Checkpoint:
                 counts[meta.dtype] += _numel(meta.shape)
         return max(counts, key=counts.__getitem__) if counts else torch.float32
 
-    def has_tokenizer(self) -> bool:
-        return any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
-
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {self.architecture}, {len(self.tensors)} tensors)"
 

@@ -160,3 +160,25 @@ def test_methods_lists_every_registered_method():
     out = run("methods")
     assert out.returncode == 0
     assert all(name in out.stdout for name in METHODS.names())
+
+
+def test_models_are_found_in_the_local_hugging_face_cache_offline(llama, tmp_path):
+    """A hub id resolves to a snapshot in the local cache (HF_HUB_OFFLINE=1: nothing is downloaded)."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-ft"
+    shutil.copytree(llama.sources[0], repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    doc = ties_doc(llama)
+    doc["models"][0]["model"] = "tiny-org/tiny-ft"
+    recipe = write_recipe(tmp_path / "r.yml", doc)
+    env_cache = {"HF_HUB_CACHE": str(cache)}
+    out = subprocess.run([*EVOMERGE, "merge", str(recipe), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    missing = write_recipe(tmp_path / "m.yml", {**doc, "models": [{"model": "tiny-org/absent", "parameters": {"weight": 1}}]})
+    out = subprocess.run([*EVOMERGE, "merge", str(missing), "--out", str(tmp_path / "o2")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache}, timeout=300)
+    assert out.returncode == 2 and "'tiny-org/absent' not found" in out.stderr and "never downloads" in out.stderr

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from evomerge.merge.methods import METHODS, Workspace, merge_tensors
-from evomerge.merge.sparsify import SortedMagnitudes, apply_rank_range, rank_range
+from evomerge.merge.sparsify import (
+    KEEP_EVERY,
+    SortedMagnitudes,
+    apply_rank_range,
+    bernoulli_into,
+    hash_lanes,
+    keep_threshold,
+    rank_range,
+)
 
 B = torch.tensor([1.0, 1.0, 1.0, 1.0])
 X = B + torch.tensor([1.0, -2.0, 3.0, 0.0])
@@ -199,3 +207,14 @@ def test_della_refuses_probabilities_outside_zero_one():
 def test_registry_suggests_the_nearest_name():
     with pytest.raises(KeyError, match="did you mean 'ties'"):
         METHODS["tie"]
+
+
+@pytest.mark.parametrize("n", [1, 1000, (1 << 16) + 7])  # across a chunk boundary of the eager draws
+def test_eager_draws_equal_the_hash_the_fused_kernel_computes(n):
+    """bernoulli_into computes hash_lanes in place, chunk by chunk; both must give the same masks."""
+    lanes = hash_lanes(torch.arange(n), 12345)
+    for p in (0.0, 0.3, 1.0):
+        mask = torch.empty(n)
+        bernoulli_into(mask, keep_threshold(p), 12345)
+        assert torch.equal(mask, (lanes < keep_threshold(p)).float())
+    assert keep_threshold(1.0) == KEEP_EVERY and int(lanes.max()) < KEEP_EVERY

@@ -16,9 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.merge.sparsify import hash_lanes
-
-KEEP_EVERY = 1 << 16  # a draw threshold that keeps every entry
+from evomerge.merge.sparsify import KEEP_EVERY, hash_lanes
 
 log = logging.getLogger(__name__)
 

@@ -102,35 +102,36 @@ def _out(out: Tensor | None, base: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Sparsifiers. Each returns (src, keep): the model's contribution is src where keep says so.
-# Magnitude methods return the task vector itself with an exact rank range (applied later, fused
-# with the combine); random ones write the masked task vector into `buf`.
+# Sparsifiers. Each returns (src, keep, draw): the model's contribution is src where `keep` (an exact
+# magnitude rank range) and `draw` (a random mask not yet drawn, or None) say so. Magnitude methods
+# and DARE return the task vector itself, so the combine step can apply cut and draw in the same pass;
+# DELLA, whose probabilities vary per entry, writes the masked task vector into `buf`.
 # ------------------------------------------------------------------------------------------------
 
 
 def sparsify_magnitude(delta: Tensor, density: float, buf: Tensor, sm: SortedMagnitudes | None = None):
     """TIES: keep the max(1, int(density * n)) largest-magnitude entries."""
     if density >= 1:
-        return delta, KEEP_ALL
+        return delta, KEEP_ALL, None
     if density <= 0:
-        return delta, KEEP_NONE
-    return delta, rank_range(delta, max(1, keep_fraction_count(density, delta.numel())), 0, sm)
+        return delta, KEEP_NONE, None
+    return delta, rank_range(delta, max(1, keep_fraction_count(density, delta.numel())), 0, sm), None
 
 
 def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, sm: SortedMagnitudes | None = None):
     """Breadcrumbs: drop the gamma fraction of largest magnitudes, keep the next `density` fraction."""
     if density >= 1:
-        return delta, KEEP_ALL
+        return delta, KEEP_ALL, None
     n = delta.numel()
     keep = keep_fraction_count(density, n)
     top = min(int(gamma * n), n - keep)  # too few small entries left: drop fewer of the large ones
-    return delta, rank_range(delta, keep + top, top, sm)
+    return delta, rank_range(delta, keep + top, top, sm), None
 
 
 def sparsify_random(delta: Tensor, density: float, seed: int):
     """DARE: keep each entry with probability density (resolution 2^-16), drawn from `seed`."""
     if density >= 1:
-        return delta, KEEP_ALL
+        return delta, KEEP_ALL, None
     return delta, KEEP_ALL, Draw(seed, keep_threshold(density))
 
 
@@ -138,16 +139,16 @@ def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, s
     """DELLA MagPrune: along each row the keep probability rises linearly with magnitude rank,
     from density - epsilon (smallest) to density + epsilon (largest)."""
     if density >= 1:
-        return delta, KEEP_ALL
+        return delta, KEEP_ALL, None
     if density <= 0:
-        return delta, KEEP_NONE
+        return delta, KEEP_NONE, None
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     m = rows.shape[1]
     rank = ranks_as_float(ranks if ranks is not None else row_ranks(delta)).view(rows.shape)  # 0 = smallest in its row
     span = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
     mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, seed)
     torch.mul(rows, mask, out=buf.view(rows.shape))
-    return buf, KEEP_ALL
+    return buf, KEEP_ALL, None
 
 
 KEEP_ALL = RankRange(-1.0, math.inf)
@@ -182,7 +183,7 @@ def _combine(
     base: Tensor,
     deltas: Sequence[Tensor | None],
     weight: Sequence[float],
-    sparsify: Callable[..., tuple] | None,  # (i, delta_i, buf) -> (src, keep[, draw])
+    sparsify: Callable[[int, Tensor, Tensor], tuple[Tensor, RankRange, Draw | None]] | None,  # (i, delta_i, buf)
     *,
     consensus: bool,
     normalize: bool,
@@ -203,10 +204,10 @@ def _combine(
     parts = []
     for i, (w, d, d_l1) in enumerate(items):
         buf = ws.get(f"part{i}", base)
-        src, keep, draw = (*sparsify(i, d, buf), None)[:3] if sparsify else (d, KEEP_ALL, None)
+        src, keep, draw = sparsify(i, d, buf) if sparsify else (d, KEEP_ALL, None)
         # The fused kernel applies exact cuts and random draws itself; otherwise they are applied here.
         if draw is not None and not ws.fused:
-            bernoulli_into(buf, draw.threshold / 2**16, draw.seed)
+            bernoulli_into(buf, draw.threshold, draw.seed)
             src, draw = buf.mul_(src), None
         if not keep.exact or (not ws.fused and rescale and keep != KEEP_ALL):
             src, keep = apply_rank_range(src, keep, buf, ws.get("cut", base)), KEEP_ALL

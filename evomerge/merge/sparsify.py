@@ -144,6 +144,9 @@ def hash_lanes(positions: torch.Tensor, seed) -> torch.Tensor:
     return (h ^ (h >> 16)) >> 16
 
 
+KEEP_EVERY = _LANES  # a threshold that keeps every entry
+
+
 def keep_threshold(p: float) -> int:
     """A lane is kept when below this: P(keep) = round(p * 2^16) / 2^16."""
     return round(min(max(p, 0.0), 1.0) * _LANES)
@@ -155,8 +158,8 @@ def _check_size(n: int) -> None:
 
 
 def _lane_chunks(n: int, seed: int, device: torch.device):
-    """Yield (start, lanes) over positions 0..n-1: hash_lanes computed in place on reused int64 buffers
-    (chunks of 64K entries: fresh int64 temporaries per op would cost more than the hashing)."""
+    """Yield (start, lanes) over positions 0..n-1: hash_lanes, step for step, computed in place on
+    reused int64 buffers (fresh int64 temporaries per op would cost more than the hashing)."""
     _check_size(n)
     chunk = _CHUNK.get(torch.device(device).type, _CHUNK_DEFAULT)
     h = torch.empty(min(n, chunk), dtype=torch.int64, device=device)
@@ -173,12 +176,12 @@ def _lane_chunks(n: int, seed: int, device: torch.device):
         yield start, hm.bitwise_xor_(tm).bitwise_right_shift_(16)
 
 
-def bernoulli_into(out: torch.Tensor, p: float, seed: int) -> None:
-    """Fill out (float) with a 0/1 mask: entry i is 1 when hash_lanes(i, seed) < keep_threshold(p)."""
-    t = keep_threshold(p)
+def bernoulli_into(out: torch.Tensor, threshold: int, seed: int) -> None:
+    """Fill out (float) with a 0/1 mask: entry i is 1 when hash_lanes(i, seed) < threshold
+    (keep_threshold(p) for a keep probability p)."""
     flat = out.view(-1)
     for start, lanes in _lane_chunks(flat.numel(), seed, out.device):
-        torch.lt(lanes, t, out=flat[start : start + lanes.numel()])
+        torch.lt(lanes, threshold, out=flat[start : start + lanes.numel()])
 
 
 def bernoulli_tensor(p: torch.Tensor, seed: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ DELLA, 2 bytes per entry).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 
@@ -27,7 +27,7 @@ from evomerge.seeds import derive_seed
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _skip_weight_init():
+def skip_weight_init():
     """transformers' context that skips random initialization (seconds for large models), if it has one."""
     try:
         from transformers.initialization import no_init_weights
@@ -96,7 +96,7 @@ class Materializer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(self.reference.path)
-        with torch.device(self.device), _skip_weight_init():  # every weight is overwritten by materialize
+        with torch.device(self.device), skip_weight_init():  # every weight is overwritten by materialize
             model = AutoModelForCausalLM.from_config(config, dtype=self.model_dtype)
         model.tie_weights()  # skipped along with the initialization
         model.eval()

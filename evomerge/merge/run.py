@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 import yaml
@@ -13,6 +14,7 @@ import yaml
 from evomerge.errors import EvomergeError, RecipeError
 from evomerge.io import parse_size, prepare_output_dir, save_checkpoint
 from evomerge.io.paths import resolve_model
+from evomerge.merge.dataflow import is_dataflow
 from evomerge.merge.ps import TORCH_DTYPES, Materializer
 from evomerge.merge.recipe import Recipe
 
@@ -35,16 +37,26 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def load_recipe(path: Path) -> Recipe:
+def load_yaml(path: Path) -> Any:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return Recipe.from_mergekit(data, where=str(path))
+
+
+def load_recipe(path: Path) -> Recipe:
+    return Recipe.from_mergekit(load_yaml(path), where=str(path))
+
+
+def _refuse_overwrite(out: Path, models: dict[str, Path]) -> None:
+    target = out.resolve()
+    for name, path in models.items():
+        if target == path or target in path.parents:
+            raise EvomergeError(f"--out {out} would overwrite model {name} ({path}): choose another output directory")
 
 
 def merge_from_yaml(
@@ -58,17 +70,18 @@ def merge_from_yaml(
     force: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> MergeResult:
-    recipe = load_recipe(recipe_path)
+    data = load_yaml(recipe_path)
+    if is_dataflow(data):
+        return _merge_dataflow(data, recipe_path, out, device=device, shard_size=shard_size, seed=seed,
+                               allow_pickle=allow_pickle, force=force, log=log)
+    recipe = Recipe.from_mergekit(data, where=str(recipe_path))
     shard_bytes = parse_size(shard_size)
     check_device(device)
     prepare_output_dir(out, force=force)  # fail before any heavy work
     search = [Path.cwd(), recipe_path.resolve().parent]
     paths = {name: resolve_model(name, search, f"{recipe_path}: model") for name in recipe.model_names()}
     tokenizer_dir = resolve_model(recipe.tokenizer_model(), search, f"{recipe_path}: tokenizer_source")
-    target = out.resolve()
-    for name, path in {**paths, "tokenizer_source": tokenizer_dir}.items():
-        if target == path or target in path.parents:
-            raise EvomergeError(f"--out {out} would overwrite model {name} ({path}): choose another output directory")
+    _refuse_overwrite(out, {**paths, "tokenizer_source": tokenizer_dir})
     base = recipe.base_model or recipe.models[0].model
 
     start = time.perf_counter()
@@ -89,6 +102,54 @@ def merge_from_yaml(
         max_shard_bytes=shard_bytes, force=force,
         extra_files={"mergekit_config.yml": yaml.safe_dump(recipe.to_mergekit(), sort_keys=False)},
     )
-    nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-    n_shards = len(list(out.glob("*.safetensors")))
-    return MergeResult(out, len(tensors), nbytes, n_shards)
+    return _result(out)
+
+
+def _result(out: Path) -> MergeResult:
+    from evomerge.io import Checkpoint
+
+    ck = Checkpoint.open(out)
+    nbytes = sum(m.nbytes for m in ck.tensors.values())
+    return MergeResult(out, len(ck.tensors), nbytes, len(list(out.glob("*.safetensors"))))
+
+
+def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, shard_size: str | int, seed: int,
+                    allow_pickle: bool, force: bool, log: Callable[[str], None]) -> MergeResult:
+    """A data-flow or hybrid recipe: load the pool, fold the path's scales, write a standard checkpoint."""
+    from transformers import AutoConfig
+
+    from evomerge.io import Checkpoint
+    from evomerge.merge.dataflow import parse_dataflow, parse_sources
+    from evomerge.merge.dfs import check_layer_compatible, load_pool, num_layers
+    from evomerge.merge.fold import check_foldable, export_path
+
+    where = str(recipe_path)
+    shard_bytes = parse_size(shard_size)
+    check_device(device)
+    sources = parse_sources(data, where)
+    search = [Path.cwd(), recipe_path.resolve().parent]
+    refs = [r for s in sources for r in ([s.model] if s.model else [*s.merge.model_names(), s.merge.tokenizer_model()])]
+    paths = {r: resolve_model(r, search, f"{where}: model") for r in dict.fromkeys(refs)}
+    # a merge source has its base model's architecture and tokenizer
+    home = {s.name: paths[s.model] if s.model else paths[s.merge.base_model or s.merge.models[0].model]
+            for s in sources}
+    configs = {name: AutoConfig.from_pretrained(p) for name, p in home.items()}
+    check_layer_compatible(configs)  # before any weights are read
+    recipe = parse_dataflow(data, where, lambda s: num_layers(configs[s.name]))
+    check_foldable(configs[recipe.model_a.name])
+    prepare_output_dir(out, force=force)
+    _refuse_overwrite(out, paths)
+
+    a = recipe.model_a
+    dtype = TORCH_DTYPES[recipe.dtype] if recipe.dtype else Checkpoint.open(home[a.name]).dtype
+    start = time.perf_counter()
+    models, _ = load_pool(sources, paths, device=device, dtype=dtype, seed=seed, allow_pickle=allow_pickle)
+    log(f"loaded {len(models)} pool sources onto {device} in {time.perf_counter() - start:.1f} s")
+    tokenizer = paths[a.model] if a.model else paths[a.merge.tokenizer_model()]
+    export_path(
+        models, recipe.path, out, tokenizer_from=tokenizer, generation_config_from=home[a.name], dtype=dtype,
+        max_shard_bytes=shard_bytes, force=force,
+        extra_files={"evomerge_recipe.yml": yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)},
+    )
+    log(f"wrote a {len(recipe.path)}-layer path through {len(models)} sources")
+    return _result(out)

@@ -34,6 +34,7 @@ class TinySpec:
     intermediate: int = 64
     vocab: int = 320
     tie_embeddings: bool = False
+    norm_eps: float | None = None  # None: the architecture's default (1e-6 / 1e-5)
 
 
 @dataclass
@@ -67,11 +68,12 @@ def train_tokenizer(out: str | Path, vocab_size: int = 300):
 def build_config(spec: TinySpec, vocab_size: int):
     import transformers
 
+    eps = {} if spec.norm_eps is None else {"layer_norm_epsilon" if spec.arch == "gpt2" else "rms_norm_eps": spec.norm_eps}
     if spec.arch == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab_size, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads,
             n_inner=spec.intermediate, n_positions=128, bos_token_id=1, eos_token_id=2,
-            tie_word_embeddings=True,
+            tie_word_embeddings=True, **eps,
         )
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
     if spec.arch not in cls:
@@ -80,7 +82,7 @@ def build_config(spec: TinySpec, vocab_size: int):
         vocab_size=vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         intermediate_size=spec.intermediate, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=spec.tie_embeddings,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=spec.tie_embeddings, **eps,
     )
 
 
@@ -108,18 +110,21 @@ def make_family(
     tokenizer = train_tokenizer(tok_dir)
     vocab = max(spec.vocab, len(tokenizer))
     base = random_model(spec, seed, vocab)
-    family = Family(base=_save(base, root / "base", tok_dir, dtype, shard_size))
+    family = Family(base=save_model(base, root / "base", tok_dir, dtype, shard_size))
     gen = torch.Generator().manual_seed(seed + 1)
     for i in range(n_sources):
         model = random_model(spec, seed, vocab)  # same init as base, then shifted
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * task_scale)
-        family.sources.append(_save(model, root / f"source_{i}", tok_dir, dtype, shard_size))
+        family.sources.append(save_model(model, root / f"source_{i}", tok_dir, dtype, shard_size))
     return family
 
 
-def _save(model, out: Path, tok_dir: Path, dtype: torch.dtype, shard_size: str | int | None) -> Path:
+def save_model(
+    model, out: Path, tok_dir: Path, dtype: torch.dtype = torch.float32, shard_size: str | int | None = None
+) -> Path:
+    """Write model (cast to dtype) and the tokenizer in tok_dir as a Hugging Face directory."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -17,3 +17,7 @@ class IncompatibleModelsError(EvomergeError):
 
 class RecipeError(EvomergeError):
     """A merge recipe (YAML or built in code) is invalid."""
+
+
+class FitnessError(EvomergeError):
+    """A responses matrix, a calibration file or an estimator request is invalid."""

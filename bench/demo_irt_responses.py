@@ -50,9 +50,21 @@ def main() -> None:
         responses[task] = type(r)(names, r.items, r.values, r.source)
     for path in write_responses(responses, args.out):
         print(f"wrote {path}")
-    per_item = seconds / (len(refs) * n_items)
-    print(f"{len(refs)} models x {n_items} items scored in {seconds:.1f} s: {1e3 * per_item:.2f} ms per item "
-          f"(materialize + forward + lm-eval), {1e3 * seconds / len(refs):.0f} ms per model on the full tasks")
+    full = seconds / len(refs)
+    print(f"{len(refs)} models x {n_items} items scored in {seconds:.1f} s: {1e3 * full:.0f} ms per model on the "
+          f"full tasks (materialize + forward + lm-eval)")
+    print("wall-time cost of scoring n anchors per task instead (same models, materialize included):")
+    from evomerge.merge.ps import Materializer
+
+    materializer = Materializer(paths, "base")
+    probe = refs[-3:]
+    for n in (10, 20, 30, 60, 100):
+        start = time.perf_counter()
+        for ref in probe:
+            scorer.score(materializer.materialize(ref.recipe), items={t: list(range(n)) for t in scorer.tasks})
+        part = (time.perf_counter() - start) / len(probe)
+        print(f"  n={n:3d}: {1e3 * part:6.0f} ms per model, {part / full:.3f} of the full-task time "
+              f"({n * len(scorer.tasks) / n_items:.3f} of the items)")
 
 
 if __name__ == "__main__":

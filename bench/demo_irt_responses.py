@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--calibration-merges", type=int, default=30)
     p.add_argument("--heldout-merges", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-only", action="store_true", help="only time anchor-subset vs full-task scoring")
     args = p.parse_args()
 
     kit = build_demo_kit(args.cache, log=print)
@@ -40,6 +41,8 @@ def main() -> None:
     n_calib = len(sources) + 1 + args.calibration_merges
     scorer = Scorer(tasks=args.tasks.split(","), tokenizer=AutoTokenizer.from_pretrained(kit.base), batch_size=64)
     n_items = sum(scorer.num_items(t) for t in scorer.tasks)
+    if args.timing_only:
+        return time_anchors(scorer, paths, refs[-3:], n_items)
     start = time.perf_counter()
     responses = score_references(refs, paths, "base", scorer,
                                  progress=lambda done, total, name: print(f"\r{done}/{total}", end="", flush=True))
@@ -50,22 +53,28 @@ def main() -> None:
         responses[task] = type(r)(names, r.items, r.values, r.source)
     for path in write_responses(responses, args.out):
         print(f"wrote {path}")
-    full = seconds / len(refs)
-    print(f"{len(refs)} models x {n_items} items scored in {seconds:.1f} s: {1e3 * full:.0f} ms per model on the "
-          f"full tasks (materialize + forward + lm-eval)")
-    print("wall-time cost of scoring n anchors per task instead (same models, materialize included):")
+    print(f"{len(refs)} models x {n_items} items scored in {seconds:.1f} s ({1e3 * seconds / len(refs):.0f} ms per model)")
+    time_anchors(scorer, paths, refs[-3:], n_items)
+
+
+def time_anchors(scorer, paths: dict[str, str], probe: list, n_items: int) -> None:
+    """Wall time of scoring n items per task vs all items, on the same models, materialization included."""
     from evomerge.merge.ps import Materializer
 
     materializer = Materializer(paths, "base")
-    probe = refs[-3:]
-    for n in (10, 20, 30, 60, 100):
+
+    def per_model(items) -> float:
         start = time.perf_counter()
         for ref in probe:
-            scorer.score(materializer.materialize(ref.recipe), items={t: list(range(n)) for t in scorer.tasks})
-        part = (time.perf_counter() - start) / len(probe)
-        print(f"  n={n:3d}: {1e3 * part:6.0f} ms per model, {part / full:.3f} of the full-task time "
-              f"({n * len(scorer.tasks) / n_items:.3f} of the items)")
+            scorer.score(materializer.materialize(ref.recipe), items=items)
+        return (time.perf_counter() - start) / len(probe)
 
+    full = per_model(None)
+    print(f"wall time per model: {1e3 * full:.0f} ms on all {n_items} items")
+    for n in (10, 20, 30, 60, 100):
+        part = per_model({t: list(range(n)) for t in scorer.tasks})
+        print(f"  n={n:3d} per task: {1e3 * part:6.0f} ms, {part / full:.3f} of the full-task time "
+              f"({n * len(scorer.tasks) / n_items:.3f} of the items)")
 
 if __name__ == "__main__":
     main()

@@ -1,2 +1,2 @@
-"""The embedded demo kit. For now: a tour of the merge engine on a tiny model family built locally.
-(The demo search, with specialists trained on synthetic tasks, replaces it once the search lands.)"""
+"""The embedded demo: a tiny base model and two specialists trained locally on synthetic tasks (kit.py,
+data.py; tasks in fitness/demo/), and, until the demo search lands, a tour of the merge engine (merge_tour.py)."""

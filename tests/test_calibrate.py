@@ -35,7 +35,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
-    family = make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
+    make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
     rng = random.Random(0)
     (root / "tasks" / "data").mkdir(parents=True)
     for name, n in (("t_add", 40), ("t_pairs", 30)):
@@ -97,8 +97,7 @@ def test_calibrate_scores_fits_and_is_reproducible(setup, capsys):
 
 
 @pytest.mark.slow
-def test_calibrate_imports_a_responses_matrix(setup, tmp_path):
-    root, config = setup
+def test_calibrate_imports_a_responses_matrix(tmp_path):
     rng = np.random.default_rng(0)
     ability, difficulty = rng.normal(size=12), rng.normal(size=50)
     y = (rng.random((12, 50)) < 1 / (1 + np.exp(difficulty[None] - ability[:, None]))).astype(int)

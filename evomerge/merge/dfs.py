@@ -177,12 +177,14 @@ def load_pool(
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """Live models of a pool: checkpoints loaded once; a merge source materialized into its own live
     model. Returns (name -> model, name -> Materializer of each merge source, to re-materialize in place)."""
+    from evomerge.io import Checkpoint
     from evomerge.merge.ps import Materializer
 
     models: dict[str, nn.Module] = {}
     materializers: dict[str, Any] = {}
     for s in sources:
         if s.model is not None:
+            Checkpoint.open(paths[s.model], allow_pickle=allow_pickle)  # refuses pickled weights unless allowed
             models[s.name] = load_models({s.name: paths[s.model]}, device=device, dtype=dtype)[s.name]
             continue
         recipe = s.merge

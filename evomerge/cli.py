@@ -53,11 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser(
         "merge",
         parents=[common],
-        help="merge models from a mergekit-style recipe YAML into a Hugging Face checkpoint",
+        help="merge models from a recipe YAML (mergekit format, or a data-flow layer path) into a checkpoint",
         description="Merge models from a mergekit merge YAML (merge_method, base_model, models, parameters, "
-        "dtype, out_dtype, tokenizer_source) and write a Hugging Face checkpoint.",
+        "dtype, out_dtype, tokenizer_source), or run a data-flow recipe (merge_method: dataflow; sources, path) "
+        "whose layer path is exported with its scales folded in, and write a Hugging Face checkpoint.",
     )
-    merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit merge format)")
+    merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit merge format, or merge_method: dataflow)")
     merge.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
     merge.add_argument("--device", default="cpu", help="where to merge: cpu, cuda, cuda:1 (default: cpu)")
     merge.add_argument("--shard-size", default="5GB", help="maximum size of one safetensors shard (default: 5GB)")

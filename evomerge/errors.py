@@ -21,3 +21,12 @@ class RecipeError(EvomergeError):
 
 class FitnessError(EvomergeError):
     """A responses matrix, a calibration file or an estimator request is invalid."""
+
+
+class SearchSpaceError(EvomergeError):
+    """A search-space preset or override is invalid, or does not fit the sources (layer counts, methods)."""
+
+
+class GenomeError(EvomergeError):
+    """A genome is not valid for its search space (length, values outside [0, 1], NaN) or decodes to no
+    usable recipe (an empty path, a path over max_layers). The driver records it as a failed evaluation."""

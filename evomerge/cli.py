@@ -83,6 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("config", type=Path, help="calibration config YAML (models, base_model, tasks, out, ...)")
     calibrate.add_argument("--force", action="store_true", help="replace an existing calibration file")
     calibrate.set_defaults(func=_cmd_calibrate)
+
+    search = sub.add_parser("search", parents=[common], help="run an evolutionary merge search from a run config",
+                            description="Validate the run config, create the run directory (atomically), and run "
+                            "the search to its budget, checkpointing after every generation.")
+    search.add_argument("config", type=Path, help="run config YAML")
+    search.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
+    search.add_argument("--device", default="cpu", help="where candidates are materialized and scored")
+    search.set_defaults(func=_cmd_search)
+
+    resume = sub.add_parser("resume", parents=[common], help="continue a search after a crash or a stop")
+    resume.add_argument("run_dir", type=Path, help="the run directory")
+    resume.add_argument("--device", default="cpu", help="where candidates are materialized and scored")
+    resume.set_defaults(func=_cmd_resume)
+
+    stat = sub.add_parser("status", parents=[common], help="generation, evaluations and the current front of a run")
+    stat.add_argument("run_dir", type=Path, help="the run directory")
+    stat.add_argument("--json", action="store_true", help="print JSON (generation, evaluations, front)")
+    stat.set_defaults(func=_cmd_status)
     return parser
 
 
@@ -109,6 +127,77 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"task {name}: {len(r.models)} models x {len(r.items)} items, IRT dimension {t.diagnostics['dims']}, "
               f"{len(t.anchors)} anchors, accuracy {r.accuracy().min():.2f}-{r.accuracy().max():.2f}")
     print(f"wrote {out} and {responses_dir}/ in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.search.session import create_run
+
+    run, prepared = create_run(args.config, args.run_dir)
+    print(f"run directory: {run.path}")
+    return _drive(run, prepared, args.device)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.search.session import open_run
+
+    run, prepared = open_run(args.run_dir)
+    return _drive(run, prepared, args.device)
+
+
+def _drive(run, prepared, device: str) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.search.session import LocalPool, drive
+
+    config = prepared.config
+    console = Console(stderr=True)
+    pool = LocalPool(prepared, device=device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        gens = progress.add_task("generations", total=config.algorithm.generations)
+        evals = progress.add_task("evaluations", total=config.algorithm.generations * config.algorithm.pop_size)
+
+        def on_generation(report):
+            progress.update(gens, completed=report.generation + 1)
+            progress.advance(evals, report.reused)
+            console.log(f"generation {report.generation}: {report.evaluated} evaluated, {report.reused} from the "
+                        f"ledger, {report.failed} failed")
+
+        drive(run, prepared, pool, on_generation=on_generation, on_result=lambda rec: progress.advance(evals))
+    return _print_status(run, prepared, as_json=False)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.search.session import open_run
+
+    run, prepared = open_run(args.run_dir)
+    return _print_status(run, prepared, as_json=args.json)
+
+
+def _print_status(run, prepared, *, as_json: bool) -> int:
+    import json
+
+    from evomerge.search.plot import plot_front
+    from evomerge.search.session import status
+
+    state = status(run, prepared)
+    png = plot_front(state, run.path / "front.png")
+    if as_json:
+        print(json.dumps({**state, "plot": str(png) if png else None}, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [o.name for o in prepared.config.objectives]
+    table = Table("id", *names, title=f"Pareto front: generation {state['generation']}/{state['generations']}, "
+                  f"{state['evaluations']['done']} evaluations ({state['evaluations']['failed']} failed)")
+    for item in state["front"]:
+        table.add_row(item["id"], *(f"{item['objectives'][n]:.4f}" for n in names))
+    Console().print(table)
+    if png:
+        print(f"front plot: {png}")
     return 0
 
 

@@ -1,0 +1,237 @@
+"""One worker's evaluation of candidates: recipe -> live model -> anchor answers -> estimated accuracies.
+
+The torch side of the search (no Ray here: `search/workers*` wraps an Evaluator in an actor). An Evaluator
+is built once per worker: it loads the sources once onto its device (one Materializer over base + sources
+serves parameter-space recipes and the merge part of hybrid recipes; the sources' own live models serve
+data-flow routing, loaded on the first data-flow candidate), builds one Scorer and reads the calibration.
+`evaluate(candidate)` never raises for a bad candidate: any error, or non-finite merged weights or scores,
+is a `status="failed"` result with a one-line error, and the next candidate evaluates as usual.
+
+Candidate and EvalResult are plain, small, picklable data (what driver and workers exchange).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.config import RunConfig
+from evomerge.errors import FitnessError, RecipeError
+from evomerge.merge.dataflow import is_dataflow, parse_dataflow
+from evomerge.merge.ps import Materializer
+from evomerge.merge.recipe import Recipe
+from evomerge.search.records import FAILED, OK, Candidate, EvalResult
+
+
+class NonFiniteError(FitnessError):
+    """The merged model has NaN/inf weights, or its scores are not finite."""
+
+
+def one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when every entry of every tensor is finite. One float32 sum per tensor (no tensor-sized boolean
+    mask), one host sync: a NaN or inf anywhere makes its tensor's sum non-finite; only a tensor whose sum is
+    not finite is then checked entry by entry (its sum may have overflowed from huge finite values)."""
+    tensors = [t for t in tensors if t.dtype.is_floating_point and t.numel()]
+    if not tensors:
+        return True
+    finite = torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]))
+    if bool(finite.all()):
+        return True
+    # a non-finite sum: a NaN/inf entry, or finite entries so large that their sum overflows; look exactly
+    return all(bool(torch.isfinite(t).all()) for t, f in zip(tensors, finite.tolist()) if not f)
+
+
+def _unique_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    return list(model.parameters())  # parameters() skips tied/shared tensors already
+
+
+def _near(p: str, search: list[Path]) -> Path:
+    path = Path(p).expanduser()
+    if path.is_absolute():
+        return path
+    for d in search:
+        if (d / path).exists():
+            return d / path
+    return search[0] / path
+
+
+class Evaluator:
+    """One per worker: loads sources once onto its device, keeps one Materializer (PS and hybrid merge part),
+    the live source models for DFS routing, one Scorer, and the calibration."""
+
+    def __init__(self, config: RunConfig, config_dir: str | Path, *, device: str | torch.device = "cpu",
+                 worker: str = "local", node: str | None = None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from evomerge.fitness.calibration import Calibration
+        from evomerge.fitness.lmeval import Scorer
+        from evomerge.io.paths import resolve_model
+        from evomerge.merge.dfs import num_layers
+
+        self.config = config
+        self.config_dir = Path(config_dir).resolve()
+        self.device = torch.device(device)
+        self.worker = worker
+        self.node = node if node is not None else socket.gethostname()
+        search = [self.config_dir, Path.cwd()]
+        src = config.sources
+        # model references as the recipes write them (the config's path strings) -> directories
+        self.names = dict(src.models)  # source name -> reference
+        refs = list(dict.fromkeys([*src.models.values(), *([src.base_model] if src.base_model else [])]))
+        self.paths: dict[str, Path] = {}
+        for ref in refs:
+            field_name = "sources.base_model" if ref == src.base_model else \
+                f"sources.models.{next(n for n, r in src.models.items() if r == ref)}"
+            self.paths[ref] = resolve_model(ref, search, f"{field_name}")
+        self.base_ref = src.base_model or next(iter(src.models.values()))
+        self.model_configs = {ref: AutoConfig.from_pretrained(p) for ref, p in self.paths.items()}
+        self._layers_by_ref = {ref: num_layers(c) for ref, c in self.model_configs.items()}
+
+        self.materializer = Materializer(self.paths, self.base_ref, device=self.device)
+        self.materializer.model  # noqa: B018  (the live model, built once)
+        self.dtype = self.materializer.model_dtype
+        self._ps_params = sum(p.numel() for p in _unique_parameters(self.materializer.model))
+        self._pool: dict[str, torch.nn.Module] = {}  # reference -> live source model (data flow), loaded on demand
+
+        self.calibration = Calibration.load(_near(config.fitness.calibration, search))
+        self.tasks = list(config.fitness.tasks or self.calibration.tasks)
+        self.anchors = {t: self.calibration.anchors(t) for t in self.tasks}
+        self._anchor_ids = {t: [int(i) for i in ids] for t, ids in self.anchors.items()}
+        self.scorer = Scorer(self.tasks, [_near(p, search) for p in config.fitness.task_paths],
+                             tokenizer=AutoTokenizer.from_pretrained(self.paths[self.base_ref]),
+                             batch_size=config.fitness.batch_size, device=self.device)
+        self._space = None
+
+    # -- what the driver needs -------------------------------------------------------------------------
+    def layer_counts(self) -> dict[str, int]:
+        """Source name -> number of layers (what genome decoding needs)."""
+        return {name: self._layers_by_ref[ref] for name, ref in self.names.items()}
+
+    @property
+    def space(self):
+        """The run's search space (to decode a candidate sent with a genome and no recipe)."""
+        if self._space is None:
+            from evomerge.genome import SearchSpace
+
+            spec = self.config.search_space
+            if isinstance(spec, str) and (spec.endswith((".yaml", ".yml")) or "/" in spec):
+                spec = str(_near(spec, [self.config_dir, Path.cwd()]))
+            self._space = SearchSpace.load(spec, sources=self.config.sources.models,
+                                           base_model=self.config.sources.base_model)
+        return self._space
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, cand: Candidate) -> EvalResult:
+        """Evaluate one candidate; failures are results, never exceptions (KeyboardInterrupt still stops)."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            model, costs = self._materialize(cand, timings)
+            t = time.perf_counter()
+            scores = self.scorer.score(model, self._anchor_ids)
+            timings["score"] = time.perf_counter() - t
+            t = time.perf_counter()
+            responses, estimates = self._estimate(scores)
+            timings["estimate"] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001  (a bad candidate is a result, not a crash of the worker)
+            timings["total"] = time.perf_counter() - start
+            return EvalResult(cand.key, FAILED, error=one_line(e), worker=self.worker, node=self.node,
+                              timings=timings)
+        timings["total"] = time.perf_counter() - start
+        return EvalResult(cand.key, OK, responses, estimates, costs, None, self.worker, self.node, timings)
+
+    def _materialize(self, cand: Candidate, timings: dict[str, float]) -> tuple[torch.nn.Module, dict[str, float]]:
+        t = time.perf_counter()
+        doc = cand.recipe if cand.recipe else self.space.decode(cand.genome, self.layer_counts())
+        where = f"candidate {cand.key}"
+        if is_dataflow(doc):
+            model, costs, check = self._route(doc, where, cand.seed)
+        else:
+            model = self.materializer.materialize(Recipe.from_mergekit(doc, where), seed=cand.seed)
+            costs, check = {"params": float(self._ps_params), "path_length": 0.0}, [model]
+        timings["materialize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bad = [m for m in check if not all_finite(m.parameters())]
+        timings["check"] = time.perf_counter() - t
+        if bad:
+            raise NonFiniteError("the merged weights hold NaN or inf values")
+        return model, costs
+
+    def _route(self, doc: dict, where: str, seed: int) -> tuple[torch.nn.Module, dict[str, float], list]:
+        from evomerge.merge.dfs import build_routed_model, layers_of
+
+        def count(s) -> int:
+            if s.model is not None:
+                ref = s.model
+            else:
+                ref = s.merge.base_model or s.merge.models[0].model
+            if ref not in self._layers_by_ref:
+                raise RecipeError(f"{where}: model {ref!r} is not one of this run's sources "
+                                  f"({', '.join(self._layers_by_ref)})")
+            return self._layers_by_ref[ref]
+
+        recipe = parse_dataflow(doc, where, count)
+        merges = [s for s in recipe.sources if s.merge is not None]
+        if len(merges) > 1:
+            raise RecipeError(f"{where}: {len(merges)} merge sources, but a worker keeps one live merged model")
+        models: dict[str, torch.nn.Module] = {}
+        check: list[torch.nn.Module] = []
+        for s in recipe.sources:
+            if s.model is not None:
+                models[s.name] = self._source_model(s.model)
+            else:
+                models[s.name] = self.materializer.materialize(s.merge, seed=seed)
+                check.append(models[s.name])
+        routed = build_routed_model(models, recipe.path)
+        # parameters of the exported model: everything outside the layers once, each path step's layer
+        layers = layers_of(routed)[1]
+        in_layers = {id(p) for p in layers.parameters()}
+        outside = sum(p.numel() for p in routed.parameters() if id(p) not in in_layers)
+        per_layer = sum(sum(p.numel() for p in rl.layer.parameters()) for rl in layers)
+        costs = {"params": float(outside + per_layer), "path_length": float(len(recipe.path))}
+        return routed, costs, check
+
+    def _source_model(self, ref: str) -> torch.nn.Module:
+        """A source's own live model (loaded once, on first use; its weights are checked once)."""
+        if ref not in self._pool:
+            from evomerge.merge.dfs import load_models
+
+            if ref not in self.paths:
+                raise RecipeError(f"model {ref!r} is not one of this run's sources ({', '.join(self.paths)})")
+            model = load_models({ref: self.paths[ref]}, device=self.device, dtype=self.dtype)[ref]
+            if not all_finite(model.parameters()):
+                raise NonFiniteError(f"source {ref} holds NaN or inf weights")
+            self._pool[ref] = model
+        return self._pool[ref]
+
+    def _estimate(self, scores: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+        from evomerge.fitness.estimators import estimate
+
+        responses, estimates = {}, {}
+        for task in self.tasks:
+            s = scores[task]
+            raw, correct = np.asarray(s.raw, dtype=float), np.asarray(s.correct, dtype=float)
+            if not (np.isfinite(raw).all() and np.isfinite(correct).all()):
+                raise NonFiniteError(f"task {task}: the scores are not finite (NaN logits)")
+            responses[task] = {str(i): int(c) for i, c in zip(s.item_ids.tolist(), correct.tolist())}
+            values = estimate(self.calibration, task, self.anchors[task], correct)
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteError(f"task {task}: estimator {bad[0]} gave {values[bad[0]]}")
+            estimates[task] = {k: float(v) for k, v in values.items()}
+        return responses, estimates
+
+
+__all__ = ["FAILED", "OK", "Candidate", "EvalResult", "Evaluator", "NonFiniteError", "all_finite", "one_line"]

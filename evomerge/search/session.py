@@ -1,0 +1,144 @@
+"""Start, resume and inspect searches: config -> run directory -> generations (driver.py) -> status.
+
+The pool that evaluates candidates is passed in: `LocalPool` runs one in-process Evaluator (the
+default until the Ray worker pool lands); a Ray pool keeps the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from evomerge.config import ConfigError, RunConfig, load_config
+from evomerge.search.driver import generations, new_algorithm, objectives_of, run_generation
+from evomerge.search.ledger import Record
+from evomerge.search.records import Candidate, EvalResult
+from evomerge.search.rundir import RunDir
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    config_dir: Path  # relative paths in the config are relative to this
+    space: object  # evomerge.genome.SearchSpace
+    layer_counts: dict[str, int]
+
+    def decode(self, x) -> dict:
+        return self.space.decode(x, self.layer_counts)
+
+
+def prepare(config: RunConfig, config_dir: Path, where: str) -> Prepared:
+    """Everything the driver needs, checked before a run directory exists (no torch: configs read as JSON)."""
+    from evomerge.genome import SearchSpace
+
+    paths = {n: _near(p, config_dir) for n, p in config.sources.models.items()}
+    for name, path in paths.items():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{where}: sources.models.{name}: {path} is not a model directory (no config.json)")
+    if config.sources.base_model is not None and not (_near(config.sources.base_model, config_dir) / "config.json").is_file():
+        raise ConfigError(f"{where}: sources.base_model: {config.sources.base_model} is not a model directory")
+    if not _near(config.fitness.calibration, config_dir).is_file():
+        raise ConfigError(f"{where}: fitness.calibration: {config.fitness.calibration} does not exist: "
+                          "write it with `evomerge calibrate`")
+    counts = {n: _layer_count(p) for n, p in paths.items()}
+    space = SearchSpace.load(config.search_space, sources=dict(config.sources.models),
+                             base_model=config.sources.base_model, where=f"{where}: search_space")
+    space.dim(counts)  # fails here, not in generation 0, when the space does not fit the sources
+    return Prepared(config, config_dir, space, counts)
+
+
+def _layer_count(path: Path) -> int:
+    cfg = json.loads((path / "config.json").read_text())
+    return int(cfg.get("num_hidden_layers") or cfg.get("n_layer"))
+
+
+def _near(p: str, base: Path) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+class LocalPool:
+    """Evaluates candidates one after another in this process (one Evaluator, sources loaded once)."""
+
+    def __init__(self, prepared: Prepared, device: str = "cpu") -> None:
+        from evomerge.search.evaluate import Evaluator
+
+        self.evaluator = Evaluator(prepared.config, prepared.config_dir, device=device)
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> Iterable[EvalResult]:
+        for c in candidates:
+            yield self.evaluator.evaluate(c)
+
+
+def create_run(config_path: Path, run_dir: Path | None) -> tuple[RunDir, Prepared]:
+    """Validate everything, then create the run directory atomically (nothing is left behind on error)."""
+    here = config_path.resolve().parent
+    config = _absolute(load_config(config_path, RunConfig), here)
+    prepared = prepare(config, here, str(config_path))
+    target = run_dir or _near(config.run_dir or f"runs/{config.name}", Path.cwd())
+    snapshot = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return RunDir.create(target, snapshot, config.fitness.calibration), prepared
+
+
+def _absolute(config: RunConfig, here: Path) -> RunConfig:
+    """The config with every path absolute, so the snapshot in the run directory works from anywhere."""
+    doc = config.model_dump(mode="json")
+    doc["sources"]["models"] = {n: str(_near(p, here).resolve()) for n, p in doc["sources"]["models"].items()}
+    if doc["sources"]["base_model"]:
+        doc["sources"]["base_model"] = str(_near(doc["sources"]["base_model"], here).resolve())
+    doc["fitness"]["calibration"] = str(_near(doc["fitness"]["calibration"], here).resolve())
+    doc["fitness"]["task_paths"] = [str(_near(p, here).resolve()) for p in doc["fitness"]["task_paths"]]
+    return RunConfig.model_validate(doc)
+
+
+def open_run(run_dir: Path) -> tuple[RunDir, Prepared]:
+    run = RunDir.open(run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Path(tmp) / "config.yaml"
+        shutil.copyfile(run.path / "config.yaml", snapshot)
+        config = load_config(snapshot, RunConfig)
+    if run.calibration_path is not None:  # the run's own copy: the user's file may have changed since
+        doc = config.model_dump(mode="json")
+        doc["fitness"]["calibration"] = str(run.calibration_path)
+        config = RunConfig.model_validate(doc)
+    return run, prepare(config, run.path, str(run.path / "config.yaml"))
+
+
+def drive(run: RunDir, prepared: Prepared, pool, *, on_generation: Callable = lambda report: None,
+          on_result: Callable[[Record], None] = lambda rec: None) -> None:
+    """Run (or continue) the search to its budget, checkpointing after every generation."""
+    with run.locked(), run.open_ledger() as ledger:
+        algorithm = run.load_algorithm()
+        start = 0
+        if algorithm is None:
+            seeds = prepared.space.initial(prepared.layer_counts)
+            algorithm = new_algorithm(prepared.config, prepared.space.dim(prepared.layer_counts), seeds)
+        else:
+            start = int(run.load_algorithm_header().get("generation", 0))
+        for g in generations(algorithm, start):
+            report = run_generation(algorithm, g, ledger, pool, prepared.config, prepared.decode, on_result)
+            run.save_algorithm(algorithm, generation=g + 1)
+            on_generation(report)
+
+
+def status(run: RunDir, prepared: Prepared) -> dict:
+    """Generation, evaluations done and failed, and the current front (the JSON of `evomerge status`)."""
+    objectives = objectives_of(prepared.config)
+    with run.open_ledger() as ledger:
+        counts = ledger.counts()
+        front = ledger.front({o.name: "min" for o in objectives})
+        header = run.load_algorithm_header() or {}
+    show = lambda o, v: -v if o.task is not None else v  # noqa: E731  (tasks are stored negated: pymoo minimizes)
+    return {
+        "generation": int(header.get("generation", 0)),
+        "generations": prepared.config.algorithm.generations,
+        "evaluations": {"done": counts.get("ok", 0) + counts.get("failed", 0), "failed": counts.get("failed", 0)},
+        "front": [{"id": r.key, "objectives": {o.name: show(o, r.objectives[o.name]) for o in objectives}}
+                  for r in front],
+    }

@@ -1,0 +1,122 @@
+"""The search end to end (in-process pool): real tiny models, real lm-eval, real IRT calibration, real pymoo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.testing.tiny import TinySpec, make_family
+
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/{name}.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny models, two tiny tasks, a calibration, and a run config that finishes in seconds."""
+    import random
+
+    root = tmp_path_factory.mktemp("search")
+    make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
+    rng = random.Random(0)
+    (root / "tasks" / "data").mkdir(parents=True)
+    for name in ("t_add", "t_more"):
+        rows = []
+        for _ in range(30):
+            a, b = rng.randint(10, 49), rng.randint(10, 49)
+            rows.append({"q": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}", f" {a}"],
+                         "label": rng.randrange(3)})
+        (root / "tasks" / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
+    models = {"a": "models/source_0", "b": "models/source_1"}
+    calib = {"models": models, "base_model": "models/base", "tasks": ["t_add", "t_more"], "task_paths": ["tasks"],
+             "reference_merges": 4, "anchors": 6, "seed": 1, "out": "calibration.json"}
+    (root / "calibrate.yaml").write_text(yaml.safe_dump(calib))
+    assert main(["calibrate", str(root / "calibrate.yaml")]) == 0
+    config = {"name": "tiny", "sources": {"models": models, "base_model": "models/base"},
+              "search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 2}},
+              "fitness": {"calibration": "calibration.json", "task_paths": ["tasks"], "estimator": "pirt"},
+              "objectives": [{"task": "t_add"}, {"task": "t_more"}],
+              "algorithm": {"pop_size": 4, "generations": 3}, "seed": 7}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def _front(run_dir):
+    out = subprocess.run([sys.executable, "-m", "evomerge", "status", str(run_dir), "--json"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _keys(run_dir):
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        return sorted(k for (k,) in db.execute("SELECT key FROM evaluations WHERE status != 'running'"))
+
+
+@pytest.mark.slow
+def test_search_runs_and_reports_its_front(workspace, capsys):
+    run_dir = workspace / "runs" / "straight"
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir)]) == 0
+    state = _front(run_dir)
+    assert state["generation"] == 3 and state["evaluations"]["done"] == len(_keys(run_dir)) >= 4
+    assert state["front"] and set(state["front"][0]["objectives"]) == {"t_add", "t_more"}
+    assert all(0.0 <= v <= 1.0 for f in state["front"] for v in f["objectives"].values())
+    assert (run_dir / "front.png").stat().st_size > 1000
+    # finished: resuming evaluates nothing and changes nothing
+    before = _keys(run_dir)
+    assert main(["resume", str(run_dir)]) == 0
+    assert _keys(run_dir) == before
+    # an existing run directory is never overwritten
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
+    straight = workspace / "runs" / "reference"
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(straight)]) == 0
+
+    killed = workspace / "runs" / "killed"
+    driver = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(workspace / "run.yaml"),
+                               "--run-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=workspace)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill inside generation 1, after some of its candidates are ledgered
+        if (killed / "ledger.sqlite").exists():
+            try:
+                with sqlite3.connect(killed / "ledger.sqlite") as db:
+                    n = db.execute("SELECT COUNT(*) FROM evaluations WHERE generation = 1").fetchone()[0]
+            except sqlite3.OperationalError:
+                n = 0
+            if n >= 1:
+                break
+        time.sleep(0.05)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    partial = _keys(killed)
+    assert 0 < len(partial) < len(_keys(straight))  # it really died mid-search
+    assert main(["resume", str(killed)]) == 0
+    assert _front(killed)["front"] == _front(straight)["front"]
+    assert _keys(killed) == _keys(straight)
+    assert set(partial) <= set(_keys(killed))

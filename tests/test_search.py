@@ -120,3 +120,22 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     assert _front(killed)["front"] == _front(straight)["front"]
     assert _keys(killed) == _keys(straight)
     assert set(partial) <= set(_keys(killed))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sources": {"models": {"a": "models/nope", "b": "models/source_1"}, "base_model": "models/base"}},
+     "sources.models.a"),
+    ({"fitness": {"calibration": "missing.json"}}, "fitness.calibration"),
+    ({"search_space": "ps_no_such_preset"}, "search_space"),
+    ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 0}}}, "layer_groups"),
+    ({"objectives": [{"task": "t_add"}], "algorithm": {"name": "ga", "pop_size": 1}}, "algorithm.pop_size"),
+])
+def test_bad_search_configs_leave_no_run_directory(workspace, capsys, change, message):
+    config = {**yaml.safe_load((workspace / "run.yaml").read_text()), **change}
+    path = workspace / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = workspace / "runs" / "bad"
+    assert main(["search", str(path), "--run-dir", str(run_dir)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evomerge: error:") and message in lines[0], lines
+    assert not run_dir.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -14,38 +13,15 @@ from evomerge.config import CalibrationConfig, ConfigError, load_config
 from evomerge.fitness.calibrate import reference_models
 from evomerge.fitness.calibration import Calibration
 from evomerge.fitness.responses import read_responses
+from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
-
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: data/{name}.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
-    rng = random.Random(0)
-    (root / "tasks" / "data").mkdir(parents=True)
-    for name, n in (("t_add", 40), ("t_pairs", 30)):
-        rows = []
-        for _ in range(n):
-            a, b = rng.randint(10, 49), rng.randint(10, 49)
-            choices = [f" {a + b}", f" {a + b + 1}", f" {a + b - 10}", f" {a}"]
-            rows.append({"q": f"{a} plus {b} is", "choices": choices, "label": rng.randrange(4)})
-        (root / "tasks" / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (root / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
+    write_choice_tasks(root / "tasks", {"t_add": 40, "t_pairs": 30}, n_choices=4)
     config = {"models": {"a": "models/source_0", "b": "models/source_1"}, "base_model": "models/base",
               "tasks": ["t_add", "t_pairs"], "task_paths": ["tasks"], "reference_merges": 6, "anchors": 8,
               "seed": 5, "out": "out/calibration.json"}

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
-import random
 
 import pytest
 import torch
@@ -16,22 +14,9 @@ from evomerge.config import RunConfig
 from evomerge.genome import SearchSpace
 from evomerge.search import evaluate as ev_mod
 from evomerge.search.evaluate import Candidate, EvalResult, Evaluator, all_finite
+from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
 
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: data/{name}.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
 TASKS = {"e_add": 30, "e_pairs": 24}
 N_ANCHORS = 6
 SOURCES = {"a": "models/source_0", "b": "models/source_1"}
@@ -42,16 +27,7 @@ BASE = "models/base"
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
-    rng = random.Random(0)
-    (root / "tasks" / "data").mkdir(parents=True)
-    for name, n in TASKS.items():
-        rows = []
-        for _ in range(n):
-            a, b = rng.randint(10, 49), rng.randint(10, 49)
-            rows.append({"q": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}", f" {a}"],
-                         "label": rng.randrange(3)})
-        (root / "tasks" / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (root / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
+    write_choice_tasks(root / "tasks", TASKS)
     calib = {"models": SOURCES, "base_model": BASE, "tasks": list(TASKS), "task_paths": ["tasks"],
              "reference_merges": 3, "anchors": N_ANCHORS, "seed": 1, "out": "calibration.json"}
     (root / "calibrate.yaml").write_text(yaml.safe_dump(calib))

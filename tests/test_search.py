@@ -14,41 +14,16 @@ import pytest
 import yaml
 
 from evomerge.cli import main
+from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
-
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: data/{name}.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Tiny models, two tiny tasks, a calibration, and a run config that finishes in seconds."""
-    import random
-
     root = tmp_path_factory.mktemp("search")
     make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
-    rng = random.Random(0)
-    (root / "tasks" / "data").mkdir(parents=True)
-    for name in ("t_add", "t_more"):
-        rows = []
-        for _ in range(30):
-            a, b = rng.randint(10, 49), rng.randint(10, 49)
-            rows.append({"q": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}", f" {a}"],
-                         "label": rng.randrange(3)})
-        (root / "tasks" / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (root / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
+    write_choice_tasks(root / "tasks", {"t_add": 30, "t_more": 30})
     models = {"a": "models/source_0", "b": "models/source_1"}
     calib = {"models": models, "base_model": "models/base", "tasks": ["t_add", "t_more"], "task_paths": ["tasks"],
              "reference_merges": 4, "anchors": 6, "seed": 1, "out": "calibration.json"}

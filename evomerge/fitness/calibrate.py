@@ -73,7 +73,7 @@ def score_references(
 def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda done, total, name: None,
               ) -> tuple[Calibration, dict[str, Responses]]:
     """Run a calibration config: import or score responses, fit, and return (calibration, responses)."""
-    from evomerge.io.paths import resolve_model
+    from evomerge.io.paths import find_path, resolve_model
 
     here = config_path.resolve().parent
     search = [here, Path.cwd()]
@@ -81,7 +81,7 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
         missing = [t for t in config.tasks if t not in config.responses]
         if missing:
             raise ConfigError(f"{config_path}: responses has no file for task {missing[0]!r}: add {missing[0]}: PATH")
-        responses = {t: read_responses(_near(config.responses[t], search)) for t in config.tasks}
+        responses = {t: read_responses(find_path(config.responses[t], search)) for t in config.tasks}
     else:
         if config.base_model is None:
             raise ConfigError(f"{config_path}: field 'base_model' is missing: the reference merges are task "
@@ -92,7 +92,7 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
 
         paths = {n: resolve_model(p, search, f"{config_path}: models.{n}") for n, p in config.models.items()}
         paths[config.base_model] = resolve_model(config.base_model, search, f"{config_path}: base_model")
-        scorer = Scorer(tasks=config.tasks, include_paths=[_near(p, search) for p in config.task_paths],
+        scorer = Scorer(tasks=config.tasks, include_paths=[find_path(p, search) for p in config.task_paths],
                         tokenizer=AutoTokenizer.from_pretrained(paths[config.base_model]),
                         batch_size=config.batch_size, device=config.device)
         for task in config.tasks:
@@ -141,11 +141,3 @@ def write_responses(responses: dict[str, Responses], folder: Path) -> list[Path]
     return written
 
 
-def _near(p: str, search: list[Path]) -> Path:
-    path = Path(p).expanduser()
-    if path.is_absolute():
-        return path
-    for d in search:
-        if (d / path).exists():
-            return d / path
-    return search[0] / path

@@ -35,3 +35,15 @@ def _from_hf_cache(ref: str) -> Path | None:
         return Path(snapshot_download(ref, local_files_only=True))
     except Exception:  # not cached (or not a valid id): the caller reports where it looked
         return None
+
+
+def find_path(ref: str, search_dirs: Sequence[Path]) -> Path:
+    """A file or folder named in a config: absolute as is; relative, the first search dir where it exists
+    (else under the first, so the error that follows names where it was expected)."""
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return path
+    for d in search_dirs:
+        if (d / path).exists():
+            return d / path
+    return search_dirs[0] / path

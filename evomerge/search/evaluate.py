@@ -24,6 +24,7 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import FitnessError, RecipeError
+from evomerge.io.paths import find_path, resolve_model
 from evomerge.merge.dataflow import is_dataflow, parse_dataflow
 from evomerge.merge.ps import Materializer
 from evomerge.merge.recipe import Recipe
@@ -57,14 +58,6 @@ def _unique_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(model.parameters())  # parameters() skips tied/shared tensors already
 
 
-def _near(p: str, search: list[Path]) -> Path:
-    path = Path(p).expanduser()
-    if path.is_absolute():
-        return path
-    for d in search:
-        if (d / path).exists():
-            return d / path
-    return search[0] / path
 
 
 class Evaluator:
@@ -77,7 +70,6 @@ class Evaluator:
 
         from evomerge.fitness.calibration import Calibration
         from evomerge.fitness.lmeval import Scorer
-        from evomerge.io.paths import resolve_model
         from evomerge.merge.dfs import num_layers
 
         self.config = config
@@ -105,11 +97,11 @@ class Evaluator:
         self._ps_params = sum(p.numel() for p in _unique_parameters(self.materializer.model))
         self._pool: dict[str, torch.nn.Module] = {}  # reference -> live source model (data flow), loaded on demand
 
-        self.calibration = Calibration.load(_near(config.fitness.calibration, search))
+        self.calibration = Calibration.load(find_path(config.fitness.calibration, search))
         self.tasks = list(config.fitness.tasks or self.calibration.tasks)
         self.anchors = {t: self.calibration.anchors(t) for t in self.tasks}
         self._anchor_ids = {t: [int(i) for i in ids] for t, ids in self.anchors.items()}
-        self.scorer = Scorer(self.tasks, [_near(p, search) for p in config.fitness.task_paths],
+        self.scorer = Scorer(self.tasks, [find_path(p, search) for p in config.fitness.task_paths],
                              tokenizer=AutoTokenizer.from_pretrained(self.paths[self.base_ref]),
                              batch_size=config.fitness.batch_size, device=self.device)
         self._space = None
@@ -127,7 +119,7 @@ class Evaluator:
 
             spec = self.config.search_space
             if isinstance(spec, str) and (spec.endswith((".yaml", ".yml")) or "/" in spec):
-                spec = str(_near(spec, [self.config_dir, Path.cwd()]))
+                spec = str(find_path(spec, [self.config_dir, Path.cwd()]))
             self._space = SearchSpace.load(spec, sources=self.config.sources.models,
                                            base_model=self.config.sources.base_model)
         return self._space

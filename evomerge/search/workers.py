@@ -1,0 +1,241 @@
+"""Ray worker pool: long-lived actors, each holding one Evaluator (the only module of evomerge that imports Ray).
+
+Use it wherever a `LocalPool` goes (the pool interface is `pool.evaluate(candidates) -> Iterable[EvalResult]`):
+
+    from evomerge.search.session import drive
+    from evomerge.search.workers import RayPool
+
+    with RayPool(prepared) as pool:                      # a private Ray on this machine, loopback only
+        drive(run, prepared, pool)
+    with RayPool(prepared, address="auto") as pool:      # join a running cluster (`ray start --head` ...)
+        drive(run, prepared, pool)
+
+Workers: `config.workers.count` actors (default: one per GPU of the cluster, else max(1, CPUs // 2)), each
+reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs. Each actor builds ONE Evaluator when it starts
+(sources are read once per actor, onto "cuda" when Ray gave it a GPU, else "cpu", unless `device=` says otherwise),
+named `worker-<i>` and placed on the node `<ip>/<node id prefix>`.
+
+`evaluate(candidates)` keeps every actor busy: one candidate per idle actor, results yielded as soon as they come
+(no barrier inside a call). The order does not matter: each result depends only on its candidate.
+
+Faults: an actor that dies (killed, crashed, out of memory, its node lost) or that exceeds `timeout_s` on one
+candidate is replaced by a fresh actor and the candidate is retried, at most `workers.max_retries` times; then it
+is a failed result ("worker died N times: ..."). Nothing waits forever: a candidate has `timeout_s` per attempt,
+and actors that cannot start (not enough CPUs/GPUs) raise `WorkerStartError` after `start_timeout_s`.
+
+`close()` (or leaving the `with` block) kills the actors and shuts Ray down when this pool started it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import ray
+from ray import exceptions as rex
+
+from evomerge.search.records import FAILED, Candidate, EvalResult
+
+# passed to every actor, so that a worker on another node (or a raylet started before them) sees the driver's
+# choices; HF_*_OFFLINE in particular: no network at run time
+_ENV_PASSED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+               "HF_DATASETS_CACHE", "TOKENIZERS_PARALLELISM")
+
+
+class WorkerStartError(RuntimeError):
+    """The Ray workers could not start (resources, cluster, or the Evaluator's constructor failed)."""
+
+
+class _EvalActor:
+    """One worker: one Evaluator, built once, evaluating candidates one after another."""
+
+    def __init__(self, config, config_dir: str, worker: str, device: str | None, env: dict[str, str]) -> None:
+        os.environ.update(env)
+        node_id = ray.get_runtime_context().get_node_id()
+        self.node = f"{ray.util.get_node_ip_address()}/{node_id[:12]}"
+        if device is None:
+            device = "cuda" if ray.get_gpu_ids() else "cpu"
+        from evomerge.search.evaluate import Evaluator
+
+        self.evaluator = Evaluator(config, config_dir, device=device, worker=worker, node=self.node)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node": self.node, "device": str(self.evaluator.device),
+                "worker": self.evaluator.worker}
+
+    def evaluate(self, cand: Candidate) -> EvalResult:
+        return self.evaluator.evaluate(cand)
+
+
+# errors after which the actor is gone (or unusable) and the candidate is worth another try on a fresh one
+_DEATHS = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.OutOfMemoryError,
+           rex.NodeDiedError) if hasattr(rex, "NodeDiedError") else \
+          (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.OutOfMemoryError)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+class RayPool:
+    """`config.workers.count` Ray actors with one Evaluator each; see the module docstring."""
+
+    def __init__(self, prepared, *, address: str | None = None, device: str | None = None,
+                 timeout_s: float | None = 3600.0, start_timeout_s: float = 900.0) -> None:
+        self.config = prepared.config
+        self.config_dir = str(Path(prepared.config_dir).resolve())
+        self.device = device
+        self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
+        workers = self.config.workers
+        self.max_retries = workers.max_retries
+        self._owns_ray = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network at run time
+            if address is None:  # a private Ray, on loopback only, without dashboard
+                ray.init(num_cpus=_cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                         configure_logging=False, log_to_driver=True)
+            else:
+                ray.init(address=address, configure_logging=False)
+            self._owns_ray = True
+        try:
+            resources = ray.cluster_resources()
+            cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+            self.count = workers.count or (int(gpus) if gpus >= 1 else max(1, int(cpus) // 2))
+            gpus_each = workers.gpus_per_worker
+            if workers.count is None and gpus >= 1 and gpus_each == 0:
+                gpus_each = 1.0  # the default of one worker per GPU: give each its GPU
+            self._options = {"num_cpus": workers.cpus_per_worker, "num_gpus": gpus_each, "max_restarts": 0,
+                             "max_task_retries": 0}
+            need_cpu, need_gpu = workers.cpus_per_worker, gpus_each
+            if need_cpu > cpus or need_gpu > gpus:
+                raise WorkerStartError(
+                    f"workers: one worker needs {need_cpu:g} CPU and {need_gpu:g} GPU, but the Ray cluster has "
+                    f"{cpus:g} CPU and {gpus:g} GPU in all: lower workers.cpus_per_worker / "
+                    "workers.gpus_per_worker in the run config")
+            self._env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
+            self._remote = ray.remote(_EvalActor)
+            self._actors = [self._start(i) for i in range(self.count)]
+            self.info = self._wait_ready(list(range(self.count)))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- actors --------------------------------------------------------------------------------------------
+    def _name(self, i: int) -> str:
+        return f"worker-{i}"
+
+    def _start(self, i: int):
+        return self._remote.options(**self._options).remote(self.config, self.config_dir, self._name(i),
+                                                             self.device, self._env)
+
+    def _wait_ready(self, slots: list[int]) -> list[dict]:
+        refs = [self._actors[i].info.remote() for i in slots]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
+        if pending:
+            raise WorkerStartError(
+                f"workers: {len(pending)} of {len(refs)} Ray workers did not start within "
+                f"{self.start_timeout_s:g} s (each needs {self._options['num_cpus']:g} CPU, "
+                f"{self._options['num_gpus']:g} GPU; the cluster has {ray.cluster_resources()}): "
+                "lower workers.count or the resources per worker")
+        try:
+            return ray.get(refs)
+        except rex.RayError as e:
+            raise WorkerStartError(f"workers: a Ray worker failed to start: {_short(e)}") from e
+
+    def _replace(self, i: int) -> None:
+        try:
+            ray.kill(self._actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001  (already dead)
+            pass
+        self._actors[i] = self._start(i)
+
+    @property
+    def actors(self) -> list:
+        """The live actor handles (tests kill them; `ray.get(actor.info.remote())` gives pid, node, device)."""
+        return list(self._actors)
+
+    # -- the pool interface ------------------------------------------------------------------------------
+    def evaluate(self, candidates: Sequence[Candidate]) -> Iterator[EvalResult]:
+        queue = deque(candidates)
+        deaths: dict[str, list[str]] = {}
+        idle = deque(range(len(self._actors)))
+        running: dict = {}  # ObjectRef -> (slot, candidate, started)
+        try:
+            while queue or running:
+                while queue and idle:
+                    i, c = idle.popleft(), queue.popleft()
+                    running[self._actors[i].evaluate.remote(c)] = (i, c, time.monotonic())
+                timeout = None
+                if self.timeout_s is not None:
+                    oldest = min(t for _, _, t in running.values())
+                    timeout = max(0.0, oldest + self.timeout_s - time.monotonic())
+                done, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+                if not done:  # the oldest attempt ran past timeout_s: its actor is treated as dead
+                    ref = min(running, key=lambda r: running[r][2])
+                    i, c, _ = running.pop(ref)
+                    self._replace(i)
+                    idle.append(i)
+                    yield from self._retry_or_fail(c, f"timed out after {self.timeout_s:g} s", deaths, queue, i)
+                    continue
+                ref = done[0]
+                i, c, _ = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except _DEATHS as e:
+                    self._replace(i)
+                    idle.append(i)
+                    yield from self._retry_or_fail(c, _short(e), deaths, queue, i)
+                    continue
+                except rex.RayTaskError as e:  # evaluate() raised (it should not): a failed candidate
+                    result = EvalResult(c.key, FAILED, error=_short(e.cause if e.cause else e),
+                                        worker=self._name(i), node="")
+                idle.append(i)
+                yield result
+        finally:
+            for ref in running:  # the caller stopped early: do not leave work queued on the actors
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _retry_or_fail(self, c: Candidate, why: str, deaths: dict[str, list[str]], queue: deque,
+                       i: int) -> Iterator[EvalResult]:
+        deaths.setdefault(c.key, []).append(why)
+        n = len(deaths[c.key])
+        if n > self.max_retries:
+            yield EvalResult(c.key, FAILED, error=f"worker died {n} times: {why}", worker=self._name(i), node="")
+        else:
+            queue.appendleft(c)
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for a in getattr(self, "_actors", []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self._actors = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def __enter__(self) -> RayPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+__all__ = ["RayPool", "WorkerStartError"]

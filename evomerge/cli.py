@@ -89,12 +89,12 @@ def _parser() -> argparse.ArgumentParser:
                             "the search to its budget, checkpointing after every generation.")
     search.add_argument("config", type=Path, help="run config YAML")
     search.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
-    search.add_argument("--device", default="cpu", help="where candidates are materialized and scored")
+    _pool_options(search)
     search.set_defaults(func=_cmd_search)
 
     resume = sub.add_parser("resume", parents=[common], help="continue a search after a crash or a stop")
     resume.add_argument("run_dir", type=Path, help="the run directory")
-    resume.add_argument("--device", default="cpu", help="where candidates are materialized and scored")
+    _pool_options(resume)
     resume.set_defaults(func=_cmd_resume)
 
     stat = sub.add_parser("status", parents=[common], help="generation, evaluations and the current front of a run")
@@ -130,22 +130,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pool_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray on loopback)")
+    p.add_argument("--in-process", action="store_true", help="no Ray: evaluate in this process, one at a time")
+    p.add_argument("--device", default=None, help="where candidates are materialized and scored (default: cuda for "
+                   "GPU workers, else cpu)")
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search.session import create_run
 
     run, prepared = create_run(args.config, args.run_dir)
     print(f"run directory: {run.path}")
-    return _drive(run, prepared, args.device)
+    return _drive(run, prepared, args)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.session import open_run
 
     run, prepared = open_run(args.run_dir)
-    return _drive(run, prepared, args.device)
+    return _drive(run, prepared, args)
 
 
-def _drive(run, prepared, device: str) -> int:
+def _drive(run, prepared, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -153,7 +160,14 @@ def _drive(run, prepared, device: str) -> int:
 
     config = prepared.config
     console = Console(stderr=True)
-    pool = LocalPool(prepared, device=device)
+    if args.in_process:
+        pool = LocalPool(prepared, device=args.device or "cpu")
+    else:
+        from evomerge.search.workers import RayPool
+
+        with console.status("starting Ray workers (sources are loaded once per worker)"):
+            pool = RayPool(prepared, address=args.address, device=args.device)
+        console.log(f"{pool.count} Ray worker(s) ready")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         gens = progress.add_task("generations", total=config.algorithm.generations)
@@ -165,7 +179,10 @@ def _drive(run, prepared, device: str) -> int:
             console.log(f"generation {report.generation}: {report.evaluated} evaluated, {report.reused} from the "
                         f"ledger, {report.failed} failed")
 
-        drive(run, prepared, pool, on_generation=on_generation, on_result=lambda rec: progress.advance(evals))
+        try:
+            drive(run, prepared, pool, on_generation=on_generation, on_result=lambda rec: progress.advance(evals))
+        finally:
+            getattr(pool, "close", lambda: None)()
     return _print_status(run, prepared, as_json=False)
 
 

@@ -52,7 +52,7 @@ def _keys(run_dir):
 @pytest.mark.slow
 def test_search_runs_and_reports_its_front(workspace, capsys):
     run_dir = workspace / "runs" / "straight"
-    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir)]) == 0
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir), "--in-process"]) == 0
     state = _front(run_dir)
     assert state["generation"] == 3 and state["evaluations"]["done"] == len(_keys(run_dir)) >= 4
     assert state["front"] and set(state["front"][0]["objectives"]) == {"t_add", "t_more"}
@@ -60,7 +60,7 @@ def test_search_runs_and_reports_its_front(workspace, capsys):
     assert (run_dir / "front.png").stat().st_size > 1000
     # finished: resuming evaluates nothing and changes nothing
     before = _keys(run_dir)
-    assert main(["resume", str(run_dir)]) == 0
+    assert main(["resume", str(run_dir), "--in-process"]) == 0
     assert _keys(run_dir) == before
     # an existing run directory is never overwritten
     assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir)]) == 2
@@ -70,11 +70,11 @@ def test_search_runs_and_reports_its_front(workspace, capsys):
 @pytest.mark.slow
 def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     straight = workspace / "runs" / "reference"
-    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(straight)]) == 0
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(straight), "--in-process"]) == 0
 
     killed = workspace / "runs" / "killed"
     driver = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(workspace / "run.yaml"),
-                               "--run-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               "--run-dir", str(killed), "--in-process"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               cwd=workspace)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill inside generation 1, after some of its candidates are ledgered
@@ -91,7 +91,7 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     driver.wait()
     partial = _keys(killed)
     assert 0 < len(partial) < len(_keys(straight))  # it really died mid-search
-    assert main(["resume", str(killed)]) == 0
+    assert main(["resume", str(killed), "--in-process"]) == 0
     assert _front(killed)["front"] == _front(straight)["front"]
     assert _keys(killed) == _keys(straight)
     assert set(partial) <= set(_keys(killed))
@@ -114,3 +114,19 @@ def test_bad_search_configs_leave_no_run_directory(workspace, capsys, change, me
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evomerge: error:") and message in lines[0], lines
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_cli_search_runs_on_local_ray_workers(workspace):
+    """The default: a private Ray on loopback with several workers; results equal the in-process run's."""
+    config = {**yaml.safe_load((workspace / "run.yaml").read_text()), "workers": {"count": 2}}
+    (workspace / "ray.yaml").write_text(yaml.safe_dump(config))
+    ray_dir, local_dir = workspace / "runs" / "ray", workspace / "runs" / "local"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "search", str(workspace / "ray.yaml"),
+                           "--run-dir", str(ray_dir)], capture_output=True, text=True, cwd=workspace)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["search", str(workspace / "ray.yaml"), "--run-dir", str(local_dir), "--in-process"]) == 0
+    assert _front(ray_dir)["front"] == _front(local_dir)["front"]
+    with sqlite3.connect(ray_dir / "ledger.sqlite") as db:
+        workers = {w for (w,) in db.execute("SELECT DISTINCT worker FROM evaluations")}
+    assert workers == {"worker-0", "worker-1"}

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import ray
 from ray import exceptions as rex
@@ -55,7 +56,8 @@ class _EvalActor:
     def __init__(self, config, config_dir: str, worker: str, device: str | None, env: dict[str, str]) -> None:
         os.environ.update(env)
         node_id = ray.get_runtime_context().get_node_id()
-        self.node = f"{ray.util.get_node_ip_address()}/{node_id[:12]}"
+        ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "?")
+        self.node = f"{ip}/{node_id[:12]}"  # the address the node registered (127.0.0.1 for a private Ray)
         if device is None:
             device = "cuda" if ray.get_gpu_ids() else "cpu"
         from evomerge.search.evaluate import Evaluator
@@ -71,9 +73,8 @@ class _EvalActor:
 
 
 # errors after which the actor is gone (or unusable) and the candidate is worth another try on a fresh one
-_DEATHS = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.OutOfMemoryError,
-           rex.NodeDiedError) if hasattr(rex, "NodeDiedError") else \
-          (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.OutOfMemoryError)
+# (RayActorError covers ActorDiedError and ActorUnavailableError)
+_DEATHS = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.OutOfMemoryError, rex.NodeDiedError)
 
 
 def _short(e: BaseException) -> str:
@@ -94,9 +95,11 @@ class RayPool:
         workers = self.config.workers
         self.max_retries = workers.max_retries
         self._owns_ray = False
+        self.replacements = 0  # actors started to replace dead (or timed-out) ones
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network at run time
             if address is None:  # a private Ray, on loopback only, without dashboard
+                _loopback_only()
                 ray.init(num_cpus=_cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                          configure_logging=False, log_to_driver=True)
             else:
@@ -135,7 +138,7 @@ class RayPool:
 
     def _wait_ready(self, slots: list[int]) -> list[dict]:
         refs = [self._actors[i].info.remote() for i in slots]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
         if pending:
             raise WorkerStartError(
                 f"workers: {len(pending)} of {len(refs)} Ray workers did not start within "
@@ -148,9 +151,10 @@ class RayPool:
             raise WorkerStartError(f"workers: a Ray worker failed to start: {_short(e)}") from e
 
     def _replace(self, i: int) -> None:
+        self.replacements += 1
         try:
             ray.kill(self._actors[i], no_restart=True)
-        except Exception:  # noqa: BLE001  (already dead)
+        except Exception:  # noqa: BLE001, S110  (already dead)
             pass
         self._actors[i] = self._start(i)
 
@@ -200,7 +204,7 @@ class RayPool:
             for ref in running:  # the caller stopped early: do not leave work queued on the actors
                 try:
                     ray.cancel(ref)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001, S110  (already finished)
                     pass
 
     def _retry_or_fail(self, c: Candidate, why: str, deaths: dict[str, list[str]], queue: deque,
@@ -217,18 +221,32 @@ class RayPool:
         for a in getattr(self, "_actors", []):
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110  (already dead)
                 pass
         self._actors = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
 
-    def __enter__(self) -> RayPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _loopback_only() -> None:
+    """Make a local Ray listen on 127.0.0.1 only. Measured with Ray 2.60: `_node_ip_address="127.0.0.1"` alone
+    still registers the node under the machine's address and leaves agents listening on 0.0.0.0 / *; with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by Ray's processes at import: set here for the ones ray.init
+    starts, and patched for this one, which imported Ray already) every port is on loopback."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # a later Ray: the variable alone, as Ray documents it
+        pass
 
 
 def _cpu_count() -> int:

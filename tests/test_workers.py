@@ -1,0 +1,162 @@
+"""The Ray worker pool end to end: real Ray (local, loopback), 2 CPU workers, real tiny models, tasks, calibration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from evomerge.cli import main
+from evomerge.search.session import LocalPool, create_run, drive, status
+from evomerge.testing.tiny import TinySpec, make_family
+
+pytestmark = pytest.mark.slow
+
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/{name}.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny models, two tiny tasks, a calibration, a PS and a DFS run config (2 Ray workers of 1 CPU)."""
+    import random
+
+    root = tmp_path_factory.mktemp("workers")
+    make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
+    rng = random.Random(0)
+    (root / "tasks" / "data").mkdir(parents=True)
+    for name in ("t_add", "t_more"):
+        rows = []
+        for _ in range(30):
+            a, b = rng.randint(10, 49), rng.randint(10, 49)
+            rows.append({"q": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}", f" {a}"],
+                         "label": rng.randrange(3)})
+        (root / "tasks" / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
+    models = {"a": "models/source_0", "b": "models/source_1"}
+    calib = {"models": models, "base_model": "models/base", "tasks": ["t_add", "t_more"], "task_paths": ["tasks"],
+             "reference_merges": 4, "anchors": 6, "seed": 1, "out": "calibration.json"}
+    (root / "calibrate.yaml").write_text(yaml.safe_dump(calib))
+    assert main(["calibrate", str(root / "calibrate.yaml")]) == 0
+    config = {"name": "tiny", "sources": {"models": models, "base_model": "models/base"},
+              "search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 2}},
+              "fitness": {"calibration": "calibration.json", "task_paths": ["tasks"], "estimator": "pirt"},
+              "objectives": [{"task": "t_add"}, {"task": "t_more"}],
+              "algorithm": {"pop_size": 4, "generations": 3}, "seed": 7,
+              "workers": {"count": 2, "cpus_per_worker": 1, "max_retries": 2}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    dfs = {**config, "search_space": {"preset": "dfs_paths"},
+           "objectives": [{"task": "t_add"}, {"task": "t_more"}, {"cost": "path_length"}]}
+    (root / "dfs.yaml").write_text(yaml.safe_dump(dfs))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """The same PS search through the in-process pool: what Ray must reproduce."""
+    run, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "local")
+    drive(run, prepared, LocalPool(prepared))
+    return status(run, prepared), _ledger(run.path)
+
+
+@pytest.fixture(scope="module")
+def pool(workspace):
+    """One Ray pool for the module (Ray start-up and source loading cost seconds). Its actors evaluate any
+    recipe over these sources and tasks, so the DFS run uses it too."""
+    from evomerge.search.workers import RayPool
+
+    _, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "pool-probe")
+    with RayPool(prepared) as p:
+        yield p
+    assert not ray.is_initialized()  # the pool started Ray, so it shut it down
+
+
+def _ledger(run_dir):
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        rows = db.execute("SELECT key, status, worker, node, error FROM evaluations ORDER BY key").fetchall()
+    return [dict(zip(("key", "status", "worker", "node", "error"), r)) for r in rows]
+
+
+def test_ray_search_gives_the_local_front(workspace, reference, pool):
+    assert pool.count == 2 and {i["worker"] for i in pool.info} == {"worker-0", "worker-1"}
+    assert all(i["node"].startswith("127.0.0.1/") and i["device"] == "cpu" for i in pool.info), pool.info
+    run, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "ray")
+    drive(run, prepared, pool)
+    state, local_rows = reference
+    assert status(run, prepared) == state  # same generation, evaluations and front
+    rows = _ledger(run.path)
+    assert [r["key"] for r in rows] == [r["key"] for r in local_rows]
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["worker"] for r in rows} == {"worker-0", "worker-1"}
+    assert all(r["node"].startswith("127.0.0.1/") for r in rows)
+
+
+def test_a_killed_worker_is_replaced_and_its_candidate_retried(workspace, reference, pool):
+    run, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "killed")
+    victims = []
+
+    def kill_once(rec):  # generation 1, after its first result: the other worker is mid-candidate
+        if rec.generation == 1 and not victims:
+            for actor in pool.actors:
+                info = ray.get(actor.info.remote())
+                if info["worker"] != rec.worker:
+                    os.kill(info["pid"], signal.SIGKILL)
+                    victims.append(info["pid"])
+
+    before = pool.replacements
+    drive(run, prepared, pool, on_result=kill_once)
+    assert victims and pool.replacements == before + 1
+    state, local_rows = reference
+    assert status(run, prepared) == state
+    rows = _ledger(run.path)
+    assert [r["key"] for r in rows] == [r["key"] for r in local_rows]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
+    pids = {ray.get(a.info.remote())["pid"] for a in pool.actors}
+    assert len(pids) == 2 and not pids & set(victims)  # the dead actor was replaced
+
+
+def test_a_candidate_that_keeps_killing_workers_fails_after_max_retries(workspace, pool):
+    from evomerge.search.records import Candidate
+
+    _, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "doomed")
+    cand = Candidate("doomed", 0, 0, [0.5] * prepared.space.dim(prepared.layer_counts),
+                     prepared.decode([0.5] * prepared.space.dim(prepared.layer_counts)), 1)
+    saved = pool.timeout_s
+    pool.timeout_s = 0.0  # every attempt "hangs": its actor is killed and replaced
+    try:
+        (result,) = list(pool.evaluate([cand]))
+    finally:
+        pool.timeout_s = saved
+    assert result.status == "failed" and result.error.startswith("worker died 3 times: timed out")
+    assert pool.count == len(pool.actors) == 2
+    (ok,) = list(pool.evaluate([cand]))  # the replacements work
+    assert ok.status == "ok"
+
+
+def test_a_dfs_search_runs_on_ray(workspace, pool):
+    run, prepared = create_run(workspace / "dfs.yaml", workspace / "runs" / "dfs")
+    drive(run, prepared, pool)
+    state = status(run, prepared)
+    rows = _ledger(run.path)
+    assert state["generation"] == 3 and state["front"]
+    assert state["evaluations"]["done"] == len(rows) and all(r["status"] == "ok" for r in rows)
+    assert {r["worker"] for r in rows} == {"worker-0", "worker-1"}
+    assert any(f["objectives"]["cost:path_length"] > 0 for f in state["front"])

@@ -124,6 +124,8 @@ class RunConfig(_Strict):
             if missing:
                 raise ValueError(f"objectives: task {missing[0]!r} is not among fitness.tasks "
                                  f"({', '.join(self.fitness.tasks)}): add it there or drop the objective")
+        if self.algorithm.name == "moead" and self.max_path_length is not None:
+            raise ValueError("algorithm.name: moead does not take constraints (max_path_length): use nsga2 or nsga3")
         if self.algorithm.name == "ga" and len(self.objectives) > 1:
             raise ValueError("algorithm.name: ga optimizes one objective; use nsga2 for several")
         return self

@@ -58,6 +58,7 @@ BAD = {
     "objective twice": (_with(objectives=[{"task": "demo_add"}, {"task": "demo_add"}]), "listed twice"),
     "unknown algorithm": (_with(algorithm__name="cmaes"), "field 'algorithm.name'"),
     "ga with two objectives": (_with(algorithm__name="ga"), "ga optimizes one objective"),
+    "moead with a constraint": (_with(algorithm__name="moead", max_path_length=8), "moead does not take constraints"),
     "population of one": (_with(algorithm__pop_size=1), "field 'algorithm.pop_size'"),
     "generations a string": (_with(algorithm__generations="ten"), "field 'algorithm.generations'"),
     "negative seed": (_with(seed=-1), "field 'seed'"),

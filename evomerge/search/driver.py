@@ -84,10 +84,12 @@ def _nsga3(pop_size: int, n_obj: int, sampling: np.ndarray):
 
 @ALGORITHMS.register("moead")
 def _moead(pop_size: int, n_obj: int, sampling: np.ndarray):
-    from pymoo.algorithms.moo.moead import MOEAD
+    from pymoo.algorithms.moo.moead import ParallelMOEAD
 
     ref_dirs = _reference_directions(n_obj, pop_size)
-    return MOEAD(ref_dirs=ref_dirs, n_neighbors=min(15, len(ref_dirs)), sampling=sampling)
+    # the batch variant: one offspring per subproblem per ask, a whole generation to evaluate in parallel
+    return ParallelMOEAD(ref_dirs=ref_dirs, n_neighbors=min(15, len(ref_dirs)), sampling=sampling,
+                 n_offsprings=len(ref_dirs))
 
 
 @ALGORITHMS.register("ga")

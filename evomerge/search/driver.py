@@ -89,7 +89,7 @@ def _moead(pop_size: int, n_obj: int, sampling: np.ndarray):
     ref_dirs = _reference_directions(n_obj, pop_size)
     # the batch variant: one offspring per subproblem per ask, a whole generation to evaluate in parallel
     return ParallelMOEAD(ref_dirs=ref_dirs, n_neighbors=min(15, len(ref_dirs)), sampling=sampling,
-                 n_offsprings=len(ref_dirs))
+                         n_offsprings=len(ref_dirs))
 
 
 @ALGORITHMS.register("ga")

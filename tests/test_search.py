@@ -14,28 +14,13 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.testing.tasks import write_choice_tasks
-from evomerge.testing.tiny import TinySpec, make_family
+from evomerge.testing.workspace import make_search_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Tiny models, two tiny tasks, a calibration, and a run config that finishes in seconds."""
-    root = tmp_path_factory.mktemp("search")
-    make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
-    write_choice_tasks(root / "tasks", {"t_add": 30, "t_more": 30})
-    models = {"a": "models/source_0", "b": "models/source_1"}
-    calib = {"models": models, "base_model": "models/base", "tasks": ["t_add", "t_more"], "task_paths": ["tasks"],
-             "reference_merges": 4, "anchors": 6, "seed": 1, "out": "calibration.json"}
-    (root / "calibrate.yaml").write_text(yaml.safe_dump(calib))
-    assert main(["calibrate", str(root / "calibrate.yaml")]) == 0
-    config = {"name": "tiny", "sources": {"models": models, "base_model": "models/base"},
-              "search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 2}},
-              "fitness": {"calibration": "calibration.json", "task_paths": ["tasks"], "estimator": "pirt"},
-              "objectives": [{"task": "t_add"}, {"task": "t_more"}],
-              "algorithm": {"pop_size": 4, "generations": 3}, "seed": 7}
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return make_search_workspace(tmp_path_factory.mktemp("search"))
 
 
 def _front(run_dir):

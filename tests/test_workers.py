@@ -2,67 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
 
 import pytest
+import ray
 import yaml
 
-ray = pytest.importorskip("ray")
-
-from evomerge.cli import main
 from evomerge.search.session import LocalPool, create_run, drive, status
-from evomerge.testing.tiny import TinySpec, make_family
+from evomerge.testing.workspace import make_search_workspace
 
 pytestmark = pytest.mark.slow
-
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: data/{name}.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Tiny models, two tiny tasks, a calibration, a PS and a DFS run config (2 Ray workers of 1 CPU)."""
-    import random
-
-    root = tmp_path_factory.mktemp("workers")
-    make_family(root / "models", TinySpec(arch="llama"), n_sources=2, seed=3, task_scale=0.05)
-    rng = random.Random(0)
-    (root / "tasks" / "data").mkdir(parents=True)
-    for name in ("t_add", "t_more"):
-        rows = []
-        for _ in range(30):
-            a, b = rng.randint(10, 49), rng.randint(10, 49)
-            rows.append({"q": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}", f" {a}"],
-                         "label": rng.randrange(3)})
-        (root / "tasks" / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (root / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
-    models = {"a": "models/source_0", "b": "models/source_1"}
-    calib = {"models": models, "base_model": "models/base", "tasks": ["t_add", "t_more"], "task_paths": ["tasks"],
-             "reference_merges": 4, "anchors": 6, "seed": 1, "out": "calibration.json"}
-    (root / "calibrate.yaml").write_text(yaml.safe_dump(calib))
-    assert main(["calibrate", str(root / "calibrate.yaml")]) == 0
-    config = {"name": "tiny", "sources": {"models": models, "base_model": "models/base"},
-              "search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 2}},
-              "fitness": {"calibration": "calibration.json", "task_paths": ["tasks"], "estimator": "pirt"},
-              "objectives": [{"task": "t_add"}, {"task": "t_more"}],
-              "algorithm": {"pop_size": 4, "generations": 3}, "seed": 7,
-              "workers": {"count": 2, "cpus_per_worker": 1, "max_retries": 2}}
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    root = make_search_workspace(tmp_path_factory.mktemp("workers"),
+                                 workers={"count": 2, "cpus_per_worker": 1, "max_retries": 2})
+    config = yaml.safe_load((root / "run.yaml").read_text())
     dfs = {**config, "search_space": {"preset": "dfs_paths"},
            "objectives": [{"task": "t_add"}, {"task": "t_more"}, {"cost": "path_length"}]}
     (root / "dfs.yaml").write_text(yaml.safe_dump(dfs))

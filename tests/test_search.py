@@ -115,3 +115,23 @@ def test_cli_search_runs_on_local_ray_workers(workspace):
     with sqlite3.connect(ray_dir / "ledger.sqlite") as db:
         workers = {w for (w,) in db.execute("SELECT DISTINCT worker FROM evaluations")}
     assert workers == {"worker-0", "worker-1"}
+
+
+def test_status_front_keeps_only_paths_within_the_limit(tmp_path):
+    from evomerge.config import RunConfig
+    from evomerge.search.ledger import Record, candidate_key
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.session import Prepared, status
+
+    config = RunConfig.model_validate({
+        "name": "t", "sources": {"models": {"a": "x"}}, "search_space": "dfs_paths", "fitness": {"calibration": "c"},
+        "objectives": [{"task": "t1"}, {"task": "t2"}], "max_path_length": 6})
+    run = RunDir.create(tmp_path / "run", "name: t\n")
+    rows = [([0.1], -0.9, -0.1, 8), ([0.2], -0.5, -0.5, 6), ([0.3], -0.4, -0.4, 4)]  # (genome, -acc1, -acc2, length)
+    with run.open_ledger() as ledger:
+        for i, (genome, f1, f2, length) in enumerate(rows):
+            ledger.record(Record(key=candidate_key(0, i, genome), generation=0, index=i, genome=tuple(genome),
+                                 status="ok", objectives={"t1": f1, "t2": f2}, extra={"path_length": length}))
+    front = status(run, Prepared(config, tmp_path, None, {}))["front"]
+    # without the limit the 8-layer path (t1 0.9) would be on the front too; it is infeasible, so it is not
+    assert [f["objectives"] for f in front] == [{"t1": 0.5, "t2": 0.5}]

@@ -17,7 +17,7 @@ import yaml
 
 from evomerge.config import ConfigError, RunConfig, load_config
 from evomerge.search.driver import generations, new_algorithm, objectives_of, run_generation
-from evomerge.search.ledger import Record
+from evomerge.search.ledger import Record, pareto_front
 from evomerge.search.records import Candidate, EvalResult
 from evomerge.search.rundir import RunDir
 
@@ -132,9 +132,11 @@ def status(run: RunDir, prepared: Prepared) -> dict:
     objectives = objectives_of(prepared.config)
     with run.open_ledger() as ledger:
         counts = ledger.counts()
-        front = ledger.front({o.name: "min" for o in objectives})
+        limit = prepared.config.max_path_length
+        feasible = [r for r in ledger.all("ok") if limit is None or (r.extra or {}).get("path_length", 0) <= limit]
+        front = pareto_front(feasible, {o.name: "min" for o in objectives})
         header = run.load_algorithm_header() or {}
-    show = lambda o, v: -v if o.task is not None else v  # noqa: E731  (tasks are stored negated: pymoo minimizes)
+    show = lambda o, v: -v if o.task is not None else v
     return {
         "generation": int(header.get("generation", 0)),
         "generations": prepared.config.algorithm.generations,

@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     _pool_options(search)
     search.set_defaults(func=_cmd_search)
 
+    submit = sub.add_parser("submit", parents=[common], help="submit a search as a Ray job to a cluster",
+                            description="Validate the run config here, then submit `evomerge search CONFIG` as a "
+                            "Ray job to the cluster whose job server (dashboard) is at --address; prints the job id.")
+    submit.add_argument("config", type=Path, help="run config YAML (paths readable where the job runs)")
+    submit.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
+    submit.set_defaults(func=_cmd_submit)
+
     resume = sub.add_parser("resume", parents=[common], help="continue a search after a crash or a stop")
     resume.add_argument("run_dir", type=Path, help="the run directory")
     _pool_options(resume)
@@ -143,6 +151,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
     run, prepared = create_run(args.config, args.run_dir)
     print(f"run directory: {run.path}")
     return _drive(run, prepared, args)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from evomerge.config import RunConfig, load_config
+    from evomerge.search.session import prepare
+    from evomerge.search.workers import submit_search
+
+    config = load_config(args.config, RunConfig)
+    prepare(config, args.config.resolve().parent, str(args.config))  # fail here, not in the job
+    run_dir = args.run_dir or Path(config.run_dir or f"runs/{config.name}")  # here, not the job's working dir
+    print(submit_search(args.config, args.address, run_dir))
+    return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:

@@ -33,11 +33,16 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Self
 
-import ray
-from ray import exceptions as rex
+# `ray start` and a local ray.init turn token auth on and write ~/.ray/auth_token; Ray's clients read the mode
+# when Ray is imported, so a job client of such a cluster needs it set before the import.
+if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+    os.environ["RAY_AUTH_MODE"] = "token"
 
+import ray  # noqa: E402
+from ray import exceptions as rex  # noqa: E402
+
+from evomerge.errors import EvomergeError
 from evomerge.search.records import FAILED, Candidate, EvalResult
 
 # passed to every actor, so that a worker on another node (or a raylet started before them) sees the driver's
@@ -46,7 +51,7 @@ _ENV_PASSED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", 
                "HF_DATASETS_CACHE", "TOKENIZERS_PARALLELISM")
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(EvomergeError):
     """The Ray workers could not start (resources, cluster, or the Evaluator's constructor failed)."""
 
 
@@ -228,7 +233,7 @@ class RayPool:
             ray.shutdown()
         self._owns_ray = False
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RayPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -257,3 +262,24 @@ def _cpu_count() -> int:
 
 
 __all__ = ["RayPool", "WorkerStartError"]
+
+
+def submit_search(config_path: Path, address: str, run_dir: Path | None = None) -> str:
+    """Submit `evomerge search CONFIG` as a Ray job on the cluster at `address` (its dashboard, e.g.
+    http://HOST:8265); returns the job id. The job joins the cluster's Ray (--address auto), so its workers
+    run on the cluster's nodes; config and model paths must be readable where the job runs."""
+    import shlex
+    import sys
+
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # unreachable dashboard, bad address: one line for the CLI
+        raise EvomergeError(f"--address {address}: cannot reach the Ray job server ({_short(e)}): "
+                            "start one with `ray start --head` or check host and port") from None
+    cmd = [sys.executable, "-m", "evomerge", "search", str(config_path.resolve()), "--address", "auto"]
+    if run_dir is not None:
+        cmd += ["--run-dir", str(run_dir.resolve())]
+    env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
+    return client.submit_job(entrypoint=shlex.join(cmd), runtime_env={"env_vars": env} if env else None)

@@ -7,11 +7,13 @@ import signal
 import sqlite3
 
 import pytest
-import ray
 import yaml
 
+from evomerge.search import workers  # before Ray itself: it sets Ray's auth mode at import
 from evomerge.search.session import LocalPool, create_run, drive, status
 from evomerge.testing.workspace import make_search_workspace
+
+ray = workers.ray
 
 pytestmark = pytest.mark.slow
 

@@ -29,14 +29,17 @@ and actors that cannot start (not enough CPUs/GPUs) raise `WorkerStartError` aft
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # `ray start` and a local ray.init turn token auth on and write ~/.ray/auth_token; Ray's clients read the mode
-# when Ray is imported, so a job client of such a cluster needs it set before the import.
-if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+# when Ray is imported, so a job client of such a cluster needs it set before the import. Once Ray is imported
+# the mode is fixed: setting it then would only reach the processes Ray starts, and they would disagree.
+if ("ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ
+        and (Path.home() / ".ray" / "auth_token").is_file()):
     os.environ["RAY_AUTH_MODE"] = "token"
 
 import ray  # noqa: E402
@@ -269,7 +272,6 @@ def submit_search(config_path: Path, address: str, run_dir: Path | None = None) 
     http://HOST:8265); returns the job id. The job joins the cluster's Ray (--address auto), so its workers
     run on the cluster's nodes; config and model paths must be readable where the job runs."""
     import shlex
-    import sys
 
     from ray.job_submission import JobSubmissionClient
 

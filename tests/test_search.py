@@ -35,7 +35,7 @@ def _keys(run_dir):
 
 
 @pytest.mark.slow
-def test_search_runs_and_reports_its_front(workspace, capsys):
+def test_search_runs_and_reports_its_front(workspace, capsys, monkeypatch):
     run_dir = workspace / "runs" / "straight"
     assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir), "--in-process"]) == 0
     state = _front(run_dir)
@@ -43,9 +43,10 @@ def test_search_runs_and_reports_its_front(workspace, capsys):
     assert state["front"] and set(state["front"][0]["objectives"]) == {"t_add", "t_more"}
     assert all(0.0 <= v <= 1.0 for f in state["front"] for v in f["objectives"].values())
     assert (run_dir / "front.png").stat().st_size > 1000
-    # finished: resuming evaluates nothing and changes nothing
+    # finished: resuming evaluates nothing and changes nothing (the run directory given relative to the cwd)
     before = _keys(run_dir)
-    assert main(["resume", str(run_dir), "--in-process"]) == 0
+    monkeypatch.chdir(workspace)
+    assert main(["resume", "runs/straight", "--in-process"]) == 0
     assert _keys(run_dir) == before
     # an existing run directory is never overwritten
     assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir)]) == 2

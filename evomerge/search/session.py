@@ -105,9 +105,9 @@ def open_run(run_dir: Path) -> tuple[RunDir, Prepared]:
         config = load_config(snapshot, RunConfig)
     if run.calibration_path is not None:  # the run's own copy: the user's file may have changed since
         doc = config.model_dump(mode="json")
-        doc["fitness"]["calibration"] = str(run.calibration_path)
+        doc["fitness"]["calibration"] = str(run.calibration_path.resolve())
         config = RunConfig.model_validate(doc)
-    return run, prepare(config, run.path, str(run.path / "config.yaml"))
+    return run, prepare(config, run.path.resolve(), str(run.path / "config.yaml"))
 
 
 def drive(run: RunDir, prepared: Prepared, pool, *, on_generation: Callable = lambda report: None,

@@ -54,10 +54,6 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t, f in zip(tensors, finite.tolist()) if not f)
 
 
-def _unique_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
-    return list(model.parameters())  # parameters() skips tied/shared tensors already
-
-
 
 
 class Evaluator:
@@ -94,7 +90,7 @@ class Evaluator:
         self.materializer = Materializer(self.paths, self.base_ref, device=self.device)
         self.materializer.model  # noqa: B018  (the live model, built once)
         self.dtype = self.materializer.model_dtype
-        self._ps_params = sum(p.numel() for p in _unique_parameters(self.materializer.model))
+        self._ps_params = sum(p.numel() for p in self.materializer.model.parameters())  # tied tensors once
         self._pool: dict[str, torch.nn.Module] = {}  # reference -> live source model (data flow), loaded on demand
 
         self.calibration = Calibration.load(find_path(config.fitness.calibration, search))

@@ -19,8 +19,15 @@ from evomerge.testing.workspace import make_search_workspace
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Tiny models, two tiny tasks, a calibration, and a run config that finishes in seconds."""
-    return make_search_workspace(tmp_path_factory.mktemp("search"))
+    """Tiny models, two tiny tasks, a calibration, and a run config that finishes in seconds; plus two models
+    that do not fit the family (another hidden size; another MLP width)."""
+    from evomerge.testing.tiny import TinySpec, random_model, save_model
+
+    root = make_search_workspace(tmp_path_factory.mktemp("search"))
+    tokenizer = root / "models" / "tokenizer"
+    save_model(random_model(TinySpec(hidden=48), seed=0), root / "models" / "wide", tokenizer)
+    save_model(random_model(TinySpec(intermediate=96), seed=0), root / "models" / "fat", tokenizer)
+    return root
 
 
 def _front(run_dir):
@@ -90,6 +97,17 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     ({"search_space": "ps_no_such_preset"}, "search_space"),
     ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 0}}}, "layer_groups"),
     ({"objectives": [{"task": "t_add"}], "algorithm": {"name": "ga", "pop_size": 1}}, "algorithm.pop_size"),
+    # checks against the files the config names (evomerge.search.preflight)
+    ({"objectives": [{"task": "t_add"}, {"task": "t_never_calibrated"}]}, "objectives: task 't_never_calibrated'"),
+    ({"fitness": {"calibration": "calibration.json", "tasks": ["t_add", "t_nope"], "task_paths": ["tasks"]},
+      "objectives": [{"task": "t_add"}]}, "fitness.tasks: task 't_nope'"),
+    ({"fitness": {"calibration": "run.yaml"}}, "fitness.calibration"),
+    ({"sources": {"models": {"a": "models/source_0", "b": "models/wide"}, "base_model": "models/base"}},
+     "sources.models.b: hidden size 48"),
+    ({"sources": {"models": {"a": "models/source_0", "b": "models/fat"}, "base_model": "models/base"}},
+     "sources.models.b: tensor model.layers.0.mlp"),
+    ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"weight": [0.5, 0.5], "params": {"lambda": [1, 1]}}}},
+     "search_space: every genome decodes to the same recipe"),
 ])
 def test_bad_search_configs_leave_no_run_directory(workspace, capsys, change, message):
     config = {**yaml.safe_load((workspace / "run.yaml").read_text()), **change}
@@ -100,6 +118,14 @@ def test_bad_search_configs_leave_no_run_directory(workspace, capsys, change, me
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evomerge: error:") and message in lines[0], lines
     assert not run_dir.exists()
+    # into an existing run directory: the same one-line error, and the directory untouched
+    existing = workspace / "runs" / "existing"
+    existing.mkdir(parents=True, exist_ok=True)
+    (existing / "ledger.sqlite").write_bytes(b"finished work")
+    assert main(["search", str(path), "--run-dir", str(existing)]) == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in existing.iterdir()] == ["ledger.sqlite"]
+    assert (existing / "ledger.sqlite").read_bytes() == b"finished work"
 
 
 @pytest.mark.slow
@@ -116,6 +142,40 @@ def test_cli_search_runs_on_local_ray_workers(workspace):
     with sqlite3.connect(ray_dir / "ledger.sqlite") as db:
         workers = {w for (w,) in db.execute("SELECT DISTINCT worker FROM evaluations")}
     assert workers == {"worker-0", "worker-1"}
+
+
+@pytest.mark.slow
+def test_nan_candidates_are_recorded_as_failed_and_the_ray_search_goes_on(workspace):
+    """A data-flow search over a source whose weights hold a NaN: every path through that source fails (and is
+    ledgered as failed, with the reason), the others are scored, and the search runs to its budget."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = workspace / "models" / "poisoned"
+    shutil.copytree(workspace / "models" / "source_1", poisoned)
+    (weights,) = poisoned.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = {**yaml.safe_load((workspace / "run.yaml").read_text()),
+              "sources": {"models": {"a": "models/source_0", "p": "models/poisoned"}},
+              "search_space": {"preset": "dfs_paths"}, "algorithm": {"pop_size": 6, "generations": 2},
+              "workers": {"count": 2, "cpus_per_worker": 1}}
+    (workspace / "nan.yaml").write_text(yaml.safe_dump(config))
+    run_dir = workspace / "runs" / "nan"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "search", str(workspace / "nan.yaml"),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, cwd=workspace)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        rows = db.execute("SELECT key, status, error, recipe FROM evaluations").fetchall()
+    failed = [r for r in rows if r[1] == "failed"]
+    ok = {r[0] for r in rows if r[1] == "ok"}
+    assert failed and ok and len(rows) == 12
+    assert all("NaN" in error and "poisoned" in recipe for _, _, error, recipe in failed), failed[0]
+    state = _front(run_dir)
+    assert state["generation"] == 2 and state["evaluations"] == {"done": 12, "failed": len(failed)}
+    assert state["front"] and {f["id"] for f in state["front"]} <= ok
 
 
 def test_status_front_keeps_only_paths_within_the_limit(tmp_path):

@@ -176,7 +176,10 @@ class Evaluator:
             raise RecipeError(f"{where}: {len(merges)} merge sources, but a worker keeps one live merged model")
         models: dict[str, torch.nn.Module] = {}
         check: list[torch.nn.Module] = []
+        used = {step.source for step in recipe.path} | {recipe.sources[0].name}  # model A: embeddings and head
         for s in recipe.sources:
+            if s.name not in used:  # neither loaded nor merged: a bad source only fails the paths through it
+                continue
             if s.model is not None:
                 models[s.name] = self._source_model(s.model)
             else:

@@ -6,7 +6,6 @@ default until the Ray worker pool lands); a Ray pool keeps the same interface.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.config import ConfigError, RunConfig, load_config
+from evomerge.config import RunConfig, load_config
 from evomerge.search.driver import generations, new_algorithm, objectives_of, run_generation
 from evomerge.search.ledger import Record, pareto_front
 from evomerge.search.records import Candidate, EvalResult
@@ -36,25 +35,26 @@ class Prepared:
 def prepare(config: RunConfig, config_dir: Path, where: str) -> Prepared:
     """Everything the driver needs, checked before a run directory exists (no torch: configs read as JSON)."""
     from evomerge.genome import SearchSpace
+    from evomerge.search import preflight
 
     paths = {n: _near(p, config_dir) for n, p in config.sources.models.items()}
-    for name, path in paths.items():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{where}: sources.models.{name}: {path} is not a model directory (no config.json)")
-    if config.sources.base_model is not None and not (_near(config.sources.base_model, config_dir) / "config.json").is_file():
-        raise ConfigError(f"{where}: sources.base_model: {config.sources.base_model} is not a model directory")
-    if not _near(config.fitness.calibration, config_dir).is_file():
-        raise ConfigError(f"{where}: fitness.calibration: {config.fitness.calibration} does not exist: "
-                          "write it with `evomerge calibrate`")
+    base = _near(config.sources.base_model, config_dir) if config.sources.base_model is not None else None
+    models = preflight.sources_by_field(paths, base)
+    preflight.check_source_dirs(models, where)
+    preflight.check_calibration(config, _near(config.fitness.calibration, config_dir), where)
     counts = {n: _layer_count(p) for n, p in paths.items()}
     space = SearchSpace.load(config.search_space, sources=dict(config.sources.models),
                              base_model=config.sources.base_model, where=f"{where}: search_space")
     space.dim(counts)  # fails here, not in generation 0, when the space does not fit the sources
+    preflight.check_sources_compatible(models, tensors_must_match=space.kind != "dfs", where=where)
+    preflight.check_space_searchable(space, counts, where)
     return Prepared(config, config_dir, space, counts)
 
 
 def _layer_count(path: Path) -> int:
-    cfg = json.loads((path / "config.json").read_text())
+    from evomerge.search.preflight import read_model_config
+
+    cfg = read_model_config(path)
     return int(cfg.get("num_hidden_layers") or cfg.get("n_layer"))
 
 

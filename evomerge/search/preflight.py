@@ -1,0 +1,124 @@
+"""Checks of a run config against the files it names, before a run directory exists (no torch).
+
+Every check that can fail later, in a worker, for every candidate, fails here instead, as one line that names
+the config field: source folders, the calibration and its tasks, source compatibility (read from config.json
+and the safetensors headers), and a search space that has something to search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from evomerge.config import ConfigError, RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.io.headers import inventory
+
+MAX_LISTED = 3
+
+
+def check_source_dirs(models: Mapping[str, Path], where: str) -> None:
+    """`models`: config field -> model directory (`sources_by_field`)."""
+    for field, path in models.items():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{where}: {field}: {path} is not a model directory (no config.json)")
+
+
+def check_calibration(config: RunConfig, path: Path, where: str) -> None:
+    """The calibration exists, and holds every task the run scores (fitness.tasks and the objectives)."""
+    from evomerge.fitness.calibration import Calibration
+
+    if not path.is_file():
+        raise ConfigError(f"{where}: fitness.calibration: {config.fitness.calibration} does not exist: "
+                          "write it with `evomerge calibrate`")
+    try:
+        calibrated = set(Calibration.load(path).tasks)
+    except EvomergeError as e:
+        raise ConfigError(f"{where}: fitness.calibration: {e}") from None
+    for field, tasks in (("fitness.tasks", config.fitness.tasks or []),
+                         ("objectives", [o.task for o in config.objectives if o.task])):
+        missing = [t for t in tasks if t not in calibrated]
+        if missing:
+            raise ConfigError(f"{where}: {field}: task {missing[0]!r} is not in the calibration "
+                              f"{config.fitness.calibration} (its tasks: {', '.join(sorted(calibrated))}): "
+                              "calibrate it with `evomerge calibrate`, or drop it")
+
+
+def read_model_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def check_sources_compatible(models: Mapping[str, Path], tensors_must_match: bool, where: str) -> None:
+    """`models`: config field -> model directory (`sources_by_field`). One architecture and hidden size
+    everywhere (a data-flow path mixes their layers); for parameter-space merges also the same tensor names
+    and shapes (read from the safetensors headers)."""
+    configs = {n: read_model_config(p) for n, p in models.items()}
+    first = next(iter(configs))
+    for name, cfg in configs.items():
+        for key, value in _architecture(cfg).items():
+            ref = _architecture(configs[first])[key]
+            if value != ref:
+                raise ConfigError(f"{where}: {name}: {key} {value!r} differs from {ref!r} of "
+                                  f"{first}: all sources must share one architecture")
+    if not tensors_must_match:
+        return
+    inventories = {n: inventory(p) for n, p in models.items()}
+    ref = inventories[first]
+    for name, inv in inventories.items():
+        if ref is None or inv is None:  # .bin weights: the materializer checks them when it loads them
+            continue
+        problems = [f"{t} is missing" for t in ref if t not in inv]
+        problems += [f"{t} is not in {first}" for t in inv if t not in ref]
+        problems += [f"{t} has shape {list(inv[t][1])}, not {list(ref[t][1])}"
+                     for t in ref if t in inv and inv[t][1] != ref[t][1]]
+        if problems:
+            more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+            raise ConfigError(f"{where}: {name}: tensor {'; '.join(problems[:MAX_LISTED])}{more}: a "
+                              f"parameter-space merge needs the same tensors as {first}")
+
+
+def _architecture(cfg: dict) -> dict:
+    return {"model_type": cfg.get("model_type"), "hidden size": cfg.get("hidden_size", cfg.get("n_embd"))}
+
+
+def check_space_searchable(space, layer_counts: Mapping[str, int], where: str) -> None:
+    """Refuse a space in which every genome decodes to one recipe (no genes, or every range a single value).
+
+    From the first initial genome, each gene in turn is set to 0 and to 1: the first change of the recipe
+    (or a genome that no longer decodes, e.g. an empty path) shows there is something to search."""
+    n = space.dim(layer_counts)
+    if n:
+        x0 = np.asarray(space.initial(layer_counts)[0], dtype=float)
+        ref = _recipe(space, x0, layer_counts)
+        for i in range(n):
+            for v in (0.0, 1.0):
+                x = x0.copy()
+                x[i] = v
+                if _recipe(space, x, layer_counts) != ref:
+                    return
+    raise ConfigError(f"{where}: search_space: every genome decodes to the same recipe ({n} genes, every range a "
+                      "single value?): widen a range or list more methods, or merge that one recipe with "
+                      "`evomerge merge`")
+
+
+def _recipe(space, x: np.ndarray, layer_counts: Mapping[str, int]) -> str | None:
+    try:
+        return json.dumps(space.decode(x, layer_counts), sort_keys=True)
+    except EvomergeError:
+        return None
+
+
+def sources_by_field(paths: Mapping[str, Path], base: Path | None) -> dict[str, Path]:
+    """Config field -> model directory, base first (the reference of task vectors)."""
+    fields = {"sources.base_model": base} if base is not None else {}
+    return fields | {f"sources.models.{name}": path for name, path in paths.items()}
+
+
+__all__ = ["check_calibration", "check_source_dirs", "check_sources_compatible", "check_space_searchable",
+           "sources_by_field"]

@@ -87,7 +87,8 @@ def _check_ok(r: EvalResult, ev: Evaluator) -> None:
         assert set(r.responses[task].values()) <= {0, 1}
         assert {"anchor_mean", "pirt", "gpirt", "mpirt", "gmpirt"} <= set(r.estimates[task])
         assert all(0.0 <= v <= 1.0 for v in r.estimates[task].values())
-    assert {"materialize", "check", "score", "estimate", "total"} <= set(r.timings)
+    assert {"materialize", "check", "score", "forward", "estimate", "total"} <= set(r.timings)
+    assert 0 < r.timings["forward"] < r.timings["score"] < r.timings["total"]  # forward calls happen inside scoring
     pickle.loads(pickle.dumps(r))  # plain data
 
 

@@ -56,6 +56,33 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 
+class ForwardClock:
+    """Wall time spent inside `model`'s forward calls while the `with` block runs (the rest of scoring is
+    lm-eval's request handling, tokenization and answer extraction). On a GPU both ends synchronize, so the
+    time is the kernels', not their launch's."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.seconds, self._started = model, 0.0, 0.0
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __enter__(self) -> ForwardClock:
+        self._hooks = [self.model.register_forward_pre_hook(self._start),
+                       self.model.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _start(self, module, args) -> None:
+        self._sync()
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._started
+
+
 class Evaluator:
     """One per worker: loads sources once onto its device, keeps one Materializer (PS and hybrid merge part),
     the live source models for DFS routing, one Scorer, and the calibration."""
@@ -128,8 +155,10 @@ class Evaluator:
         try:
             model, costs = self._materialize(cand, timings)
             t = time.perf_counter()
-            scores = self.scorer.score(model, self._anchor_ids)
+            with ForwardClock(model, self.device) as forward:
+                scores = self.scorer.score(model, self._anchor_ids)
             timings["score"] = time.perf_counter() - t
+            timings["forward"] = forward.seconds
             t = time.perf_counter()
             responses, estimates = self._estimate(scores)
             timings["estimate"] = time.perf_counter() - t
@@ -225,4 +254,4 @@ class Evaluator:
         return responses, estimates
 
 
-__all__ = ["FAILED", "OK", "Candidate", "EvalResult", "Evaluator", "NonFiniteError", "all_finite", "one_line"]
+__all__ = ["FAILED", "OK", "Candidate", "EvalResult", "Evaluator", "ForwardClock", "NonFiniteError", "all_finite", "one_line"]

@@ -30,7 +30,7 @@ class EvalResult:
     error: str | None = None
     worker: str = ""
     node: str = ""
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: materialize, check, score, estimate, total
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: materialize, check, score (of it: forward), estimate, total
 
     @property
     def ok(self) -> bool:

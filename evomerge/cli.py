@@ -67,8 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     merge.set_defaults(func=_cmd_merge)
 
-    demo = sub.add_parser("demo", parents=[common], help="build a tiny model family and merge it with every method")
-    demo.add_argument("--cache", type=Path, default=Path(".cache/demo"), help="where the demo models are kept")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="the demo search: train a tiny base and two specialists, search merges of "
+        "them, export the front, and compare it with the specialists and hand recipes on held-out test items",
+        description="Build the demo kit (once, cached in .cache/demo), calibrate (once per kit), run the NSGA-II "
+        "search of runs/demo.yaml (resumed if interrupted), score a grid of hand recipes the same way, export the "
+        "front, and print a table on the held-out test splits. Seeded: the same command prints the same table.")
+    demo.add_argument("--run-dir", type=Path, default=None, help="the demo run directory (default: runs/demo)")
+    _pool_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
     methods = sub.add_parser("methods", parents=[common], help="list merge methods and their parameters")
@@ -99,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
     submit.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
     submit.set_defaults(func=_cmd_submit)
+    from evomerge.cli_jobs import add_jobs_parser
+
+    add_jobs_parser(sub, common)
 
     resume = sub.add_parser("resume", parents=[common], help="continue a search after a crash or a stop")
     resume.add_argument("run_dir", type=Path, help="the run directory")
@@ -109,6 +118,26 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("run_dir", type=Path, help="the run directory")
     stat.add_argument("--json", action="store_true", help="print JSON (generation, evaluations, front)")
     stat.set_defaults(func=_cmd_status)
+
+    export = sub.add_parser(
+        "export", parents=[common], help="write candidates of a run (default: its front) as Hugging Face checkpoints",
+        description="Rebuild each chosen candidate from the run's ledger (its recipe, its seed) and write it to "
+        "OUT/<candidate id>/: sharded safetensors, config, tokenizer, generation config, a model card (README.md) "
+        "and the recipe (mergekit_config.yml, or evomerge_recipe.yml for data-flow and hybrid merges). "
+        "Exits 1 when --verify finds a mismatch.")
+    export.add_argument("run_dir", type=Path, help="the run directory")
+    export.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--front", action="store_true", help="the current Pareto front, as `status` shows it (default)")
+    which.add_argument("--ids", default=None, help="comma-separated candidate ids (ledger keys, or unique prefixes "
+                       "such as g0002-0003)")
+    export.add_argument("--verify", action="store_true", help="load each export back with plain transformers, score "
+                        "it on the full tasks, and check its anchor answers equal the ledger's")
+    export.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing the "
+                        "directories of the candidates exported (other content is kept)")
+    export.add_argument("--shard-size", default="5GB", help="maximum size of one safetensors shard (default: 5GB)")
+    export.add_argument("--device", default="cpu", help="where to merge and verify: cpu, cuda, cuda:1 (default: cpu)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -174,24 +203,39 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _drive(run, prepared, args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    console = Console(stderr=True)
+    pool = _pool(prepared, args, console)
+    try:
+        _search_with_progress(run, prepared, pool, console)
+    finally:
+        getattr(pool, "close", lambda: None)()
+    return _print_status(run, prepared, as_json=False)
+
+
+def _pool(prepared, args: argparse.Namespace, console):
+    from evomerge.search.session import LocalPool
+
+    if args.in_process:
+        return LocalPool(prepared, device=args.device or "cpu")
+    from evomerge.search.workers import RayPool
+
+    with console.status("starting Ray workers (sources are loaded once per worker)"):
+        pool = RayPool(prepared, address=args.address, device=args.device)
+    console.log(f"{pool.count} Ray worker(s) ready")
+    return pool
+
+
+def _search_with_progress(run, prepared, pool, console) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evomerge.search.session import LocalPool, drive
+    from evomerge.search.session import drive
 
-    config = prepared.config
-    console = Console(stderr=True)
-    if args.in_process:
-        pool = LocalPool(prepared, device=args.device or "cpu")
-    else:
-        from evomerge.search.workers import RayPool
-
-        with console.status("starting Ray workers (sources are loaded once per worker)"):
-            pool = RayPool(prepared, address=args.address, device=args.device)
-        console.log(f"{pool.count} Ray worker(s) ready")
+    algorithm = prepared.config.algorithm
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        gens = progress.add_task("generations", total=config.algorithm.generations)
-        evals = progress.add_task("evaluations", total=config.algorithm.generations * config.algorithm.pop_size)
+        gens = progress.add_task("generations", total=algorithm.generations)
+        evals = progress.add_task("evaluations", total=algorithm.generations * algorithm.pop_size)
 
         def on_generation(report):
             progress.update(gens, completed=report.generation + 1)
@@ -199,11 +243,7 @@ def _drive(run, prepared, args: argparse.Namespace) -> int:
             console.log(f"generation {report.generation}: {report.evaluated} evaluated, {report.reused} from the "
                         f"ledger, {report.failed} failed")
 
-        try:
-            drive(run, prepared, pool, on_generation=on_generation, on_result=lambda rec: progress.advance(evals))
-        finally:
-            getattr(pool, "close", lambda: None)()
-    return _print_status(run, prepared, as_json=False)
+        drive(run, prepared, pool, on_generation=on_generation, on_result=lambda rec: progress.advance(evals))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -225,10 +265,10 @@ def _print_status(run, prepared, *, as_json: bool) -> int:
         print(json.dumps({**state, "plot": str(png) if png else None}, indent=1))
         return 0
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     names = [o.name for o in prepared.config.objectives]
-    table = Table("id", *names, title=f"Pareto front: generation {state['generation']}/{state['generations']}, "
+    table = Table(Column("id", no_wrap=True), *names, title=f"Pareto front: generation {state['generation']}/{state['generations']}, "
                   f"{state['evaluations']['done']} evaluations ({state['evaluations']['failed']} failed)")
     for item in state["front"]:
         table.add_row(item["id"], *(f"{item['objectives'][n]:.4f}" for n in names))
@@ -253,20 +293,96 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evomerge.demo.merge_tour import run_demo
+    from evomerge.demo import search_demo as demo
+    from evomerge.demo.kit import build_demo_kit
+    from evomerge.export import export_run
+    from evomerge.search.session import status
 
-    console = Console()
-    out = args.cache / "merged-ties"
-    rows = run_demo(args.cache, out, log=console.print)
-    table = Table("method", "materialize ms", "|merged - base| / |task vector|", "entries changed",
-                  title="One recipe per method, written in place into one live model")
-    for r in rows:
-        table.add_row(r["method"], f"{r['ms']:.1f}", f"{r['moved']:.3f}", f"{r['changed']:.0%}")
-    console.print(table)
-    console.print(f"wrote the TIES merge as a Hugging Face checkpoint to {out}")
+    start = time.perf_counter()
+    console = Console(stderr=True)
+    demo.check_checkout()
+    build_demo_kit(demo.DEFAULT_CACHE, log=console.log)
+    with Progress(TextColumn("calibrating: scoring reference models"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+        demo.ensure_calibration(console.log, lambda done, total, name: bar.update(task, completed=done, total=total,
+                                                                                  description=name))
+    run_dir = args.run_dir or demo.DEFAULT_RUN_DIR
+    run, prepared = demo.open_demo_run(run_dir)
+    console.log(f"run directory: {run.path}")
+    pool = _pool(prepared, args, console)
+    try:
+        _search_with_progress(run, prepared, pool, console)
+        with console.status("scoring hand recipes (a grid of task_arithmetic and ties) on the search split"):
+            hand = demo.score_hand_recipes(prepared, pool, run.path, console.log)
+    finally:
+        getattr(pool, "close", lambda: None)()
+    front = status(run, prepared)["front"]
+    exported = export_run(run.path, run.path / "front", ids=[f["id"] for f in front], force=True, log=console.log)
+    with console.status("scoring on the held-out test splits"):
+        rows = demo.test_table(prepared, run.path, hand, front, {e.key: e.path for e in exported}, console.log)
+    _print_demo_table(rows)
+    for line in demo.summary(rows):
+        print(line)
+    print(f"front models exported to {run.path / 'front'}; demo done in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _print_demo_table(rows) -> None:
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from evomerge.demo.search_demo import SEARCHED, TEST_TASKS, short_name
+
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    number = lambda h: Column(h, justify="right")  # noqa: E731
+    table = Table(Column("model", no_wrap=True), "kind", number("search est."),
+                  *(number(t.removeprefix("demo_")) for t in TEST_TASKS), number("mean"),
+                  title="Accuracy (%) on the held-out test splits",
+                  caption=f"search est.: mean IRT estimate on the search splits of {' and '.join(SEARCHED)} (how the "
+                  "search ranks models); mean: of add and words; cross is never trained nor searched; hand recipes: "
+                  "method, weights adder/translator, density")
+    for r in rows:
+        table.add_row(short_name(r), r.kind, pct(r.estimated_mean), *(pct(r.test[t]) for t in TEST_TASKS),
+                      pct(r.test_mean))
+    Console().print(table)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import export_run
+
+    ids = None
+    if args.ids is not None:
+        ids = [i.strip() for i in args.ids.split(",") if i.strip()]
+        if not ids:
+            raise EvomergeError("--ids is empty: give comma-separated candidate ids, e.g. --ids g0002-0003,g0004")
+    start = time.perf_counter()
+    exported = export_run(args.run_dir, args.out, ids=ids, verify=args.verify, force=args.force,
+                          shard_size=args.shard_size, device=args.device,
+                          log=lambda msg: print(msg, file=sys.stderr))
+    print(f"exported {len(exported)} model(s) to {args.out} in {time.perf_counter() - start:.1f} s")
+    checked = [e for e in exported if e.verification is not None]
+    if not checked:
+        return 0
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    tasks = list(checked[0].verification.scores)
+    table = Table(Column("id", no_wrap=True), *(f"{t} (estimated)" for t in tasks), "anchors match",
+                  title="Full-task scores of the exported checkpoints")
+    for e in checked:
+        v = e.verification
+        cells = [f"{v.scores[t]['accuracy']:.4f}" + ("" if v.scores[t]["estimated"] is None
+                                                       else f" ({v.scores[t]['estimated']:.4f})") for t in tasks]
+        table.add_row(e.key, *cells, f"{v.checked - len(v.mismatches)}/{v.checked}")
+    Console().print(table)
+    bad = [e for e in checked if not e.verification.matched]
+    for e in bad:
+        print(f"evomerge: anchor answers of {e.key} differ from the ledger on {len(e.verification.mismatches)} of "
+              f"{e.verification.checked} items (see {e.path / 'verify.json'})", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

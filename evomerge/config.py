@@ -95,6 +95,9 @@ class WorkersConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0: CPU workers)")
     max_retries: int = Field(2, ge=0, description="retries of a candidate whose worker died")
+    sources: Literal["path", "object_store"] = Field("path", description="how workers get models, calibration "
+                                                     "and tasks: path (read where the config says, on every node) or "
+                                                     "object_store (the driver ships them; cached per node)")
 
 
 class RunConfig(_Strict):

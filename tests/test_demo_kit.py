@@ -186,11 +186,13 @@ def test_tiny_kit_cache_hit_and_crash_safety(tiny_kit):
     assert rebuilt == kit and "rebuilding" in lines[0]
     assert weights.read_bytes() == before  # same seed, same weights
     assert not leftover.exists()
-    assert sorted(p.name for p in cache.iterdir()) == [kit.root.name]
+    assert sorted(p.name for p in cache.iterdir()) == ["kit", kit.root.name]
 
-    # A changed configuration gets its own folder.
+    # A changed configuration gets its own folder; the `kit` link follows the kit last returned.
     other = build_demo_kit(cache, config=dataclasses.replace(TINY, seed=1))
-    assert other.root != kit.root
+    assert other.root != kit.root and (cache / "kit").resolve() == other.root.resolve()
+    build_demo_kit(cache, config=TINY)
+    assert (cache / "kit" / "adder" / "config.json").is_file() and (cache / "kit").resolve() == kit.root.resolve()
 
 
 @pytest.mark.slow

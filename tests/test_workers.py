@@ -109,6 +109,8 @@ def test_a_candidate_that_keeps_killing_workers_fails_after_max_retries(workspac
     assert pool.count == len(pool.actors) == 2
     (ok,) = list(pool.evaluate([cand]))  # the replacements work
     assert ok.status == "ok"
+    pool.wait_ready()  # both replacements serve the next test
+    assert len(pool.info) == 2 and all(i["pid"] for i in pool.info)
 
 
 def test_a_dfs_search_runs_on_ray(workspace, pool):

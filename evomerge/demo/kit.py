@@ -10,7 +10,8 @@ and writes the lm-eval tasks (search and test splits, see evomerge.demo.data) be
 Why this recipe (measured, see DEMO_NOTES): with the skills' knowledge in the base, the specialists
 learn mostly a format, their task vectors stay small, and merges keep part of both skills.
 
-The cache is a folder per configuration, `cache_dir/kit-<hash>/`, built under a temporary name and
+The cache is a folder per configuration, `cache_dir/kit-<hash>/`, and a link `cache_dir/kit` to the one
+last returned (run configs such as runs/demo.yaml name the models through it). Each folder is built under a temporary name and
 renamed into place only when complete; its manifest.json lists every file with its SHA-256, so a
 damaged kit is rebuilt, never trusted. Leftovers of an interrupted build are deleted by the next build
 of the same configuration (two builds of one configuration into one cache at once are not supported).
@@ -113,6 +114,7 @@ def build_demo_kit(
         manifest = _verified_manifest(root, key)
         if manifest is not None:
             log(f"demo kit: cached in {root}")
+            _link_current(cache_dir, root)
             return _kit(root, manifest)
         if root.exists():
             log(f"demo kit: {root} is incomplete or damaged; rebuilding it")
@@ -132,6 +134,7 @@ def build_demo_kit(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"demo kit: built in {manifest['seconds']['total']:.0f} s, in {root}")
+    _link_current(cache_dir, root)
     return _kit(root, manifest)
 
 
@@ -293,6 +296,17 @@ def _kit(root: Path, manifest: dict) -> DemoKit:
         root=root, base=root / "base", specialists={s: root / s for s in SPECIALISTS},
         tasks_dir=root / "tasks", manifest=manifest,
     )
+
+
+def _link_current(cache_dir: Path, root: Path) -> None:
+    """Point `cache_dir/kit` at `root` (relative, replaced atomically: a reader sees the old or the new kit)."""
+    link = cache_dir / "kit"
+    if link.is_symlink() and Path(link.readlink()) == Path(root.name):
+        return
+    tmp = cache_dir / f".kit-link-{root.name}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(root.name, target_is_directory=True)
+    tmp.replace(link)
 
 
 def _remove_stale(cache_dir: Path, key: str) -> None:

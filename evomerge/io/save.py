@@ -7,6 +7,7 @@ end, so a crash never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,6 +70,7 @@ def save_checkpoint(
             _write_tokenizer(tmp, Path(tokenizer_from))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        usual_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -76,6 +78,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def usual_permissions(folder: Path) -> None:
+    """The modes a plain mkdir/open would have given (mkdtemp makes 0700; safetensors writes 0600): a model is
+    made to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:

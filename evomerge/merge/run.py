@@ -14,9 +14,12 @@ import yaml
 from evomerge.errors import EvomergeError, RecipeError
 from evomerge.io import parse_size, prepare_output_dir, save_checkpoint
 from evomerge.io.paths import resolve_model
-from evomerge.merge.dataflow import is_dataflow
+from evomerge.merge.dataflow import DataflowRecipe, is_dataflow
 from evomerge.merge.ps import TORCH_DTYPES, Materializer
 from evomerge.merge.recipe import Recipe
+
+MERGEKIT_FILE = "mergekit_config.yml"  # a parameter-space recipe, as mergekit reads it
+RECIPE_FILE = "evomerge_recipe.yml"  # a data-flow or hybrid recipe (mergekit has no data-flow merges)
 
 
 @dataclass(frozen=True)
@@ -92,17 +95,27 @@ def merge_from_yaml(
     tensors = list(materializer.merged_tensors(recipe, seed=seed).items())
     log(f"merged with {recipe.method} in {time.perf_counter() - start:.2f} s")
 
+    write_ps_checkpoint(out, tensors, recipe, {**paths, recipe.tokenizer_model(): tokenizer_dir},
+                        dtype=materializer.model_dtype, max_shard_bytes=shard_bytes, force=force)
+    return _result(out)
+
+
+def write_ps_checkpoint(out: Path, tensors, recipe: Recipe, paths: dict[str, Path], *, dtype: torch.dtype,
+                        max_shard_bytes: int, force: bool, extra_files: dict[str, str] | None = None) -> Path:
+    """Write merged tensors (name, tensor) of a parameter-space recipe as a checkpoint (atomic), with config and
+    generation config of the recipe's base (else first) model, its tokenizer, and the recipe as mergekit YAML.
+    paths: every model reference of the recipe -> its directory."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(paths[base])
-    config.dtype = materializer.model_dtype
-    save_checkpoint(
+    base = paths[recipe.base_model or recipe.models[0].model]
+    config = AutoConfig.from_pretrained(base)
+    config.dtype = dtype
+    return save_checkpoint(
         out, tensors, config,
-        tokenizer_from=tokenizer_dir, generation_config_from=paths[base],
-        max_shard_bytes=shard_bytes, force=force,
-        extra_files={"mergekit_config.yml": yaml.safe_dump(recipe.to_mergekit(), sort_keys=False)},
+        tokenizer_from=paths[recipe.tokenizer_model()], generation_config_from=base,
+        max_shard_bytes=max_shard_bytes, force=force,
+        extra_files={MERGEKIT_FILE: yaml.safe_dump(recipe.to_mergekit(), sort_keys=False), **(extra_files or {})},
     )
-    return _result(out)
 
 
 def _result(out: Path) -> MergeResult:
@@ -121,7 +134,7 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     from evomerge.io import Checkpoint
     from evomerge.merge.dataflow import parse_dataflow, parse_sources
     from evomerge.merge.dfs import check_layer_compatible, load_pool, num_layers
-    from evomerge.merge.fold import check_foldable, export_path
+    from evomerge.merge.fold import check_foldable
 
     where = str(recipe_path)
     shard_bytes = parse_size(shard_size)
@@ -145,11 +158,24 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     start = time.perf_counter()
     models, _ = load_pool(sources, paths, device=device, dtype=dtype, seed=seed, allow_pickle=allow_pickle)
     log(f"loaded {len(models)} pool sources onto {device} in {time.perf_counter() - start:.1f} s")
-    tokenizer = paths[a.model] if a.model else paths[a.merge.tokenizer_model()]
-    export_path(
-        models, recipe.path, out, tokenizer_from=tokenizer, generation_config_from=home[a.name], dtype=dtype,
-        max_shard_bytes=shard_bytes, force=force,
-        extra_files={"evomerge_recipe.yml": yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)},
-    )
+    write_dataflow_checkpoint(out, models, recipe, paths, dtype=dtype, max_shard_bytes=shard_bytes, force=force)
     log(f"wrote a {len(recipe.path)}-layer path through {len(models)} sources")
     return _result(out)
+
+
+def write_dataflow_checkpoint(out: Path, models: dict[str, torch.nn.Module], recipe: DataflowRecipe,
+                              paths: dict[str, Path], *, dtype: torch.dtype, max_shard_bytes: int, force: bool,
+                              extra_files: dict[str, str] | None = None) -> Path:
+    """Write a data-flow (or hybrid) recipe's path through live pool models (pool name -> model) as a standard
+    checkpoint with its scales folded in (atomic), with model A's tokenizer and generation config, and the
+    recipe as evomerge_recipe.yml. paths: every model reference of the recipe -> its directory."""
+    from evomerge.merge.fold import export_path
+
+    a = recipe.model_a
+    home = paths[a.model] if a.model else paths[a.merge.base_model or a.merge.models[0].model]
+    tokenizer = paths[a.model] if a.model else paths[a.merge.tokenizer_model()]
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+    return export_path(
+        models, recipe.path, out, tokenizer_from=tokenizer, generation_config_from=home, dtype=dtype,
+        max_shard_bytes=max_shard_bytes, force=force, extra_files={RECIPE_FILE: text, **(extra_files or {})},
+    )

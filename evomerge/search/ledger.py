@@ -136,7 +136,7 @@ class Ledger:
         path = Path(path)
         exists = path.exists()
         if not exists and not create:
-            raise LedgerError(f"{path}: no ledger here; is this a run directory made by `evomerge run`?")
+            raise LedgerError(f"{path}: no ledger here; is this a run directory made by `evomerge search`?")
         if exists and not path.is_file():
             raise LedgerError(f"{path}: is not a file; expected the SQLite ledger of a run")
         try:

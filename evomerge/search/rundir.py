@@ -196,13 +196,13 @@ class RunDir:
         """Open an existing run directory (for resume, status, export), with a clear error if it is not one."""
         path = Path(path)
         if not path.exists():
-            raise RunDirError(f"{path}: no such run directory; start a run with `evomerge run CONFIG`")
+            raise RunDirError(f"{path}: no such run directory; start a run with `evomerge search CONFIG`")
         if not path.is_dir():
             raise RunDirError(f"{path}: is a file, not a run directory")
         marker = path / MARKER
         if not marker.is_file():
             raise RunDirError(
-                f"{path}: not an evomerge run directory (no {MARKER}); pass the directory `evomerge run` created"
+                f"{path}: not an evomerge run directory (no {MARKER}); pass the directory `evomerge search` created"
             )
         try:
             info = json.loads(marker.read_text(encoding="utf-8"))

@@ -20,8 +20,19 @@ named `worker-<i>` and placed on the node `<ip>/<node id prefix>`.
 
 Faults: an actor that dies (killed, crashed, out of memory, its node lost) or that exceeds `timeout_s` on one
 candidate is replaced by a fresh actor and the candidate is retried, at most `workers.max_retries` times; then it
-is a failed result ("worker died N times: ..."). Nothing waits forever: a candidate has `timeout_s` per attempt,
-and actors that cannot start (not enough CPUs/GPUs) raise `WorkerStartError` after `start_timeout_s`.
+is a failed result ("worker died N times: ..."). A replacement gets candidates only once it is ready: while it
+waits for resources (its node is gone and no other node has room) the other actors go on alone, and it joins
+when a node offers room again. Nothing waits forever: a candidate has `timeout_s` per attempt, actors that cannot
+start (not enough CPUs/GPUs) raise `WorkerStartError` after `start_timeout_s`, and so does a pool left with no
+ready actor for that long.
+
+Sources: with `workers.sources: path` (the default) every actor reads models, calibration and tasks at the paths
+of the config, so they must exist on every node (shared filesystem, the same image, or the same HF cache). With
+`workers.sources: object_store` the driver ships them through Ray's object store and each node keeps one copy
+in its cache (see shipping.py); only the driver needs the files.
+
+Jobs: `submit_search`, `list_jobs`, `job_info`, `job_logs`, `follow_job_logs`, `stop_job` and `submit_resume`
+talk to a cluster's job server (the Ray Jobs SDK); they return plain dicts and strings for the CLI.
 
 `close()` (or leaving the `with` block) kills the actors and shuts Ray down when this pool started it.
 """
@@ -61,22 +72,35 @@ class WorkerStartError(EvomergeError):
 class _EvalActor:
     """One worker: one Evaluator, built once, evaluating candidates one after another."""
 
-    def __init__(self, config, config_dir: str, worker: str, device: str | None, env: dict[str, str]) -> None:
+    def __init__(self, config, config_dir: str, worker: str, device: str | None, env: dict[str, str],
+                 shipment=None) -> None:
         os.environ.update(env)
         node_id = ray.get_runtime_context().get_node_id()
         ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "?")
         self.node = f"{ip}/{node_id[:12]}"  # the address the node registered (127.0.0.1 for a private Ray)
         if device is None:
             device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.local: dict[str, Path] = {}  # shipped reference -> this node's copy
+        if shipment is not None:  # workers.sources: object_store
+            from evomerge.search.shipping import localize, unpack
+
+            self.local = unpack(shipment, ray.get)
+            config = localize(config, self.local)
         from evomerge.search.evaluate import Evaluator
 
         self.evaluator = Evaluator(config, config_dir, device=device, worker=worker, node=self.node)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": self.node, "device": str(self.evaluator.device),
-                "worker": self.evaluator.worker}
+                "worker": self.evaluator.worker, "sources": {ref: str(p) for ref, p in self.local.items()}}
 
     def evaluate(self, cand: Candidate) -> EvalResult:
+        if self.local:  # the driver's recipes name models by its own paths
+            from dataclasses import replace
+
+            from evomerge.search.shipping import translate
+
+            cand = replace(cand, recipe=translate(cand.recipe, self.local))
         return self.evaluator.evaluate(cand)
 
 
@@ -104,12 +128,18 @@ class RayPool:
         self.max_retries = workers.max_retries
         self._owns_ray = False
         self.replacements = 0  # actors started to replace dead (or timed-out) ones
+        self.shipment = None  # what the driver put into the object store (workers.sources: object_store)
+        self._actors: list = []
+        self._starting: dict = {}  # info() ref of an actor not ready yet -> its slot
+        self._start_failures: dict[int, int] = {}  # slot -> replacements in a row that died before ready
+        self._retired: set[int] = set()  # slots whose replacements kept dying: given up
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network at run time
             if address is None:  # a private Ray, on loopback only, without dashboard
                 _loopback_only()
-                ray.init(num_cpus=_cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                         configure_logging=False, log_to_driver=True)
+                # "local": a new instance even when `ray start` runs on this machine (ray.init() would join it)
+                ray.init(address="local", num_cpus=_cpu_count(), include_dashboard=False,
+                         _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
             else:
                 ray.init(address=address, configure_logging=False)
             self._owns_ray = True
@@ -129,6 +159,10 @@ class RayPool:
                     f"{cpus:g} CPU and {gpus:g} GPU in all: lower workers.cpus_per_worker / "
                     "workers.gpus_per_worker in the run config")
             self._env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
+            if workers.sources == "object_store":  # read here once; kept (referenced) while the pool lives
+                from evomerge.search.shipping import pack
+
+                self.shipment = pack(self.config, Path(self.config_dir), ray.put)
             self._remote = ray.remote(_EvalActor)
             self._actors = [self._start(i) for i in range(self.count)]
             self.info = self._wait_ready(list(range(self.count)))
@@ -142,7 +176,7 @@ class RayPool:
 
     def _start(self, i: int):
         return self._remote.options(**self._options).remote(self.config, self.config_dir, self._name(i),
-                                                             self.device, self._env)
+                                                             self.device, self._env, self.shipment)
 
     def _wait_ready(self, slots: list[int]) -> list[dict]:
         refs = [self._actors[i].info.remote() for i in slots]
@@ -159,12 +193,39 @@ class RayPool:
             raise WorkerStartError(f"workers: a Ray worker failed to start: {_short(e)}") from e
 
     def _replace(self, i: int) -> None:
+        """A fresh actor in slot i; it gets candidates once ready (see `_started`)."""
         self.replacements += 1
-        try:
-            ray.kill(self._actors[i], no_restart=True)
-        except Exception:  # noqa: BLE001, S110  (already dead)
-            pass
+        _kill(self._actors[i])
         self._actors[i] = self._start(i)
+        self._starting[self._actors[i].info.remote()] = i
+
+    def wait_ready(self) -> None:
+        """Wait until every replacement actor is ready (each gets work only then; the others go on meanwhile),
+        at most `start_timeout_s`."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while self._starting:
+            done, _ = ray.wait(list(self._starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise WorkerStartError(f"workers: {len(self._starting)} replacement Ray worker(s) not ready after "
+                                       f"{self.start_timeout_s:g} s: add nodes, or lower the resources per worker")
+            self._started(done[0])
+
+    def _started(self, ref) -> int | None:
+        """A replacement's info() came back: its slot when the actor is ready, None when it died first (it is
+        replaced again, or its slot given up after `max_retries + 1` deaths in a row)."""
+        i = self._starting.pop(ref)
+        try:
+            self.info[i] = ray.get(ref)
+        except rex.RayError:
+            self._start_failures[i] = self._start_failures.get(i, 0) + 1
+            if self._start_failures[i] > self.max_retries:
+                self._retired.add(i)
+                _kill(self._actors[i])
+            else:
+                self._replace(i)
+            return None
+        self._start_failures.pop(i, None)
+        return i
 
     @property
     def actors(self) -> list:
@@ -175,32 +236,46 @@ class RayPool:
     def evaluate(self, candidates: Sequence[Candidate]) -> Iterator[EvalResult]:
         queue = deque(candidates)
         deaths: dict[str, list[str]] = {}
-        idle = deque(range(len(self._actors)))
+        waiting = set(self._starting.values()) | self._retired
+        idle = deque(i for i in range(len(self._actors)) if i not in waiting)
         running: dict = {}  # ObjectRef -> (slot, candidate, started)
         try:
             while queue or running:
                 while queue and idle:
                     i, c = idle.popleft(), queue.popleft()
                     running[self._actors[i].evaluate.remote(c)] = (i, c, time.monotonic())
-                timeout = None
-                if self.timeout_s is not None:
+                if not running:  # candidates left and no ready actor: only replacements can help
+                    if not self._starting:
+                        raise WorkerStartError("workers: every Ray worker died and none could be started again "
+                                               f"({self.replacements} replacements): see the Ray logs")
+                    timeout = self.start_timeout_s
+                elif self.timeout_s is None:
+                    timeout = None
+                else:
                     oldest = min(t for _, _, t in running.values())
                     timeout = max(0.0, oldest + self.timeout_s - time.monotonic())
-                done, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+                done, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=timeout)
+                if not done and not running:
+                    raise WorkerStartError(
+                        f"workers: no Ray worker was ready for {self.start_timeout_s:g} s (replacements need "
+                        f"{self._options['num_cpus']:g} CPU, {self._options['num_gpus']:g} GPU; the cluster has "
+                        f"{ray.available_resources()} free): add nodes, or lower the resources per worker")
                 if not done:  # the oldest attempt ran past timeout_s: its actor is treated as dead
                     ref = min(running, key=lambda r: running[r][2])
                     i, c, _ = running.pop(ref)
                     self._replace(i)
-                    idle.append(i)
                     yield from self._retry_or_fail(c, f"timed out after {self.timeout_s:g} s", deaths, queue, i)
                     continue
                 ref = done[0]
+                if ref in self._starting:
+                    if (i := self._started(ref)) is not None:
+                        idle.append(i)
+                    continue
                 i, c, _ = running.pop(ref)
                 try:
                     result = ray.get(ref)
                 except _DEATHS as e:
                     self._replace(i)
-                    idle.append(i)
                     yield from self._retry_or_fail(c, _short(e), deaths, queue, i)
                     continue
                 except rex.RayTaskError as e:  # evaluate() raised (it should not): a failed candidate
@@ -227,11 +302,10 @@ class RayPool:
     # -- lifetime ------------------------------------------------------------------------------------------
     def close(self) -> None:
         for a in getattr(self, "_actors", []):
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001, S110  (already dead)
-                pass
+            _kill(a)
         self._actors = []
+        self._starting = {}
+        self.shipment = None  # the driver's references: Ray frees the shipped objects
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
@@ -241,6 +315,13 @@ class RayPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001, S110  (already dead)
+        pass
 
 
 def _loopback_only() -> None:
@@ -264,24 +345,143 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-__all__ = ["RayPool", "WorkerStartError"]
+# -- Ray jobs (the Jobs SDK, through the cluster's job server: its dashboard address) ------------------------
+class JobError(EvomergeError):
+    """A Ray job server cannot be reached, or it has no job of that id, or refuses a request."""
+
+
+_META = "evomerge."  # prefix of the job metadata written by submit (run_dir, config, command)
+_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # unreachable dashboard, bad address: one line for the CLI
+        raise JobError(f"--address {address}: cannot reach the Ray job server ({_short(e)}): "
+                       "start one with `ray start --head` or check host and port") from None
+
+
+def _call(address: str, job_id: str | None, fn, *args):
+    try:
+        return fn(*args)
+    except RuntimeError as e:  # the SDK's answer to any failed request
+        text = str(e)
+        if job_id is not None and ("404" in text or "does not exist" in text):
+            raise JobError(f"job {job_id}: no such job on {address}: `evomerge jobs list --address {address}` "
+                           "lists them") from None
+        raise JobError(f"{address}: the Ray job server refused the request ({_short(e)})") from None
+    except OSError as e:  # the connection broke after the client was made
+        raise JobError(f"--address {address}: cannot reach the Ray job server ({_short(e)})") from None
+
+
+def _entrypoint(args: list[str]) -> str:
+    """`python -m evomerge ARGS` on the cluster: this interpreter where it exists there (a cluster on this
+    machine), else the `python` on the job's PATH (the cluster's image)."""
+    import shlex
+
+    return (f"PY={shlex.quote(sys.executable)}; [ -x \"$PY\" ] || PY=python; "
+            f"exec \"$PY\" -m evomerge {shlex.join(args)}")
+
+
+def _submit(address: str, args: list[str], metadata: dict[str, str]) -> str:
+    client = _client(address)
+    env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
+    return _call(address, None, lambda: client.submit_job(
+        entrypoint=_entrypoint(args), runtime_env={"env_vars": env} if env else None,
+        metadata={f"{_META}{k}": v for k, v in metadata.items()}))
 
 
 def submit_search(config_path: Path, address: str, run_dir: Path | None = None) -> str:
     """Submit `evomerge search CONFIG` as a Ray job on the cluster at `address` (its dashboard, e.g.
     http://HOST:8265); returns the job id. The job joins the cluster's Ray (--address auto), so its workers
-    run on the cluster's nodes; config and model paths must be readable where the job runs."""
-    import shlex
-
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as e:  # unreachable dashboard, bad address: one line for the CLI
-        raise EvomergeError(f"--address {address}: cannot reach the Ray job server ({_short(e)}): "
-                            "start one with `ray start --head` or check host and port") from None
-    cmd = [sys.executable, "-m", "evomerge", "search", str(config_path.resolve()), "--address", "auto"]
+    run on the cluster's nodes; the config (and, with workers.sources: path, the models) must be readable where
+    the job runs. The run directory goes into the job's metadata (`evomerge jobs status` shows it)."""
+    args = ["search", str(config_path.resolve()), "--address", "auto"]
+    meta = {"command": "search", "config": str(config_path.resolve())}
     if run_dir is not None:
-        cmd += ["--run-dir", str(run_dir.resolve())]
-    env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
-    return client.submit_job(entrypoint=shlex.join(cmd), runtime_env={"env_vars": env} if env else None)
+        args += ["--run-dir", str(run_dir.resolve())]
+        meta["run_dir"] = str(run_dir.resolve())
+    return _submit(address, args, meta)
+
+
+def submit_resume(address: str, job_id: str) -> tuple[str, str]:
+    """Submit `evomerge resume RUN_DIR --address auto` for the run of an ended job; (new job id, run dir)."""
+    info = job_info(address, job_id)
+    if info["status"] not in _TERMINAL:
+        raise JobError(f"job {job_id} is {info['status']}: stop it first (`evomerge jobs stop {job_id} "
+                       f"--address {address}`), then resume")
+    if not info["run_dir"]:
+        raise JobError(f"job {job_id} was not submitted by `evomerge submit` (no run directory in its "
+                       "metadata): run `evomerge resume RUN_DIR` where the run directory is")
+    meta = {"command": "resume", "run_dir": info["run_dir"], "resumes": job_id}
+    if info["config"]:
+        meta["config"] = info["config"]
+    return _submit(address, ["resume", info["run_dir"], "--address", "auto"], meta), info["run_dir"]
+
+
+def _details(d) -> dict:
+    meta = d.metadata or {}
+    status = getattr(d.status, "value", str(d.status))
+    return {"id": d.submission_id or d.job_id, "status": status, "message": d.message or "",
+            "run_dir": meta.get(f"{_META}run_dir", ""), "config": meta.get(f"{_META}config", ""),
+            "command": meta.get(f"{_META}command", ""), "entrypoint": d.entrypoint or "",
+            "start": (d.start_time or 0) / 1000 or None, "end": (d.end_time or 0) / 1000 or None,
+            "driver_node": d.driver_node_id or ""}
+
+
+def list_jobs(address: str) -> list[dict]:
+    """Every job the cluster knows, oldest first (id, status, run_dir, command, start, end, ...)."""
+    client = _client(address)
+    return sorted((_details(d) for d in _call(address, None, client.list_jobs)), key=lambda j: j["start"] or 0)
+
+
+def job_info(address: str, job_id: str) -> dict:
+    client = _client(address)
+    return _details(_call(address, job_id, client.get_job_info, job_id))
+
+
+def job_logs(address: str, job_id: str) -> str:
+    client = _client(address)
+    return _call(address, job_id, client.get_job_logs, job_id)
+
+
+def follow_job_logs(address: str, job_id: str) -> Iterator[str]:
+    """The job's logs as they come, until it ends."""
+    import asyncio
+
+    client = _client(address)
+    _call(address, job_id, client.get_job_info, job_id)  # an unknown id: one line, not a websocket error
+    chunks = client.tail_job_logs(job_id)
+
+    async def next_chunk() -> str | None:
+        try:
+            return await chunks.__anext__()
+        except StopAsyncIteration:  # the job ended
+            return None
+
+    loop = asyncio.new_event_loop()
+    try:
+        while (chunk := _call(address, job_id, loop.run_until_complete, next_chunk())) is not None:
+            yield chunk
+    finally:
+        loop.run_until_complete(chunks.aclose())
+        loop.close()
+
+
+def stop_job(address: str, job_id: str, wait_s: float = 60.0) -> dict:
+    """Ask the job to stop (SIGTERM to `evomerge search`, then SIGKILL; the run directory is consistent either
+    way: the ledger commits each evaluation, the checkpoint is replaced atomically), and wait up to `wait_s`
+    for it to end; returns its details."""
+    client = _client(address)
+    _call(address, job_id, client.stop_job, job_id)
+    deadline = time.monotonic() + wait_s
+    while (info := job_info(address, job_id))["status"] not in _TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return info
+
+
+__all__ = ["JobError", "RayPool", "WorkerStartError", "follow_job_logs", "job_info", "job_logs", "list_jobs",
+           "stop_job", "submit_resume", "submit_search"]

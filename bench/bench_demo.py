@@ -1,0 +1,119 @@
+"""The demo search vs random search at equal evaluation budgets: hypervolume of the estimated front.
+
+    .venv/bin/evomerge demo                                  # first: the kit, its calibration, the demo run
+    .venv/bin/python bench/bench_demo.py [--seeds 0,1,2]
+
+For each seed, NSGA-II runs the search of runs/demo.yaml (pop_size x generations evaluations; seed 0 is the
+demo's own run when it exists) and random search evaluates the same number of genomes: the search space's
+seed genomes (the uniform recipes NSGA-II starts from, so neither gets a better prior) and then uniform
+random ones. Both are scored by the same Ray workers on the same anchors with the same estimator. Printed:
+the hypervolume of each method's front of estimated accuracies (reference point: 0 accuracy on every task;
+maximized), per seed and on average, and NSGA-II's gain over random search (goal >= +10%).
+
+The held-out comparison (best front model vs the specialists and the best hand recipe) is what
+`evomerge demo` prints below its table; DEMO.md in bench/ keeps the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evomerge.search import workers  # before anything imports Ray (it sets Ray's auth mode)
+from evomerge.demo import search_demo as demo
+from evomerge.search.driver import candidates_of, objectives_of
+from evomerge.search.session import create_run, drive, open_run
+
+
+def hypervolume(points: np.ndarray) -> float:
+    """Hypervolume dominated by `points` (maximized accuracies in [0, 1]) above the reference point 0."""
+    from pymoo.indicators.hv import HV
+
+    return float(HV(ref_point=np.zeros(points.shape[1]))(-points)) if len(points) else 0.0
+
+
+def absolute_paths(config: dict) -> dict:
+    """runs/demo.yaml with its paths (relative to runs/) made absolute, to be written elsewhere."""
+    here = demo.DEMO_CONFIG.parent
+    absolute = lambda p: str((here / p).resolve())  # noqa: E731
+    sources, fitness = config["sources"], config["fitness"]
+    return {**config,
+            "sources": {"models": {n: absolute(p) for n, p in sources["models"].items()},
+                        "base_model": absolute(sources["base_model"])},
+            "fitness": {**fitness, "calibration": absolute(fitness["calibration"]),
+                        "task_paths": [absolute(p) for p in fitness["task_paths"]]}}
+
+
+def nsga2_points(run_dir: Path, pool) -> tuple[np.ndarray, int]:
+    run, prepared = open_run(run_dir)
+    drive(run, prepared, pool)  # continues or finishes it; a finished run evaluates nothing
+    tasks = [o.name for o in objectives_of(prepared.config) if o.task]
+    with run.open_ledger() as ledger:
+        records = ledger.all("ok")
+        done = sum(ledger.counts().values())
+    return np.array([[-r.objectives[t] for t in tasks] for r in records]), done
+
+
+def random_points(prepared, pool, seed: int, budget: int) -> np.ndarray:
+    config = prepared.config
+    dim = prepared.space.dim(prepared.layer_counts)
+    rng = np.random.default_rng(seed + 10_000)  # not the search's own stream
+    seeds = prepared.space.initial(prepared.layer_counts)
+    X = np.vstack([seeds, rng.random((budget - len(seeds), dim))])[:budget]
+    cands, _ = candidates_of(X, 0, seed, prepared.decode)
+    objectives = [o for o in objectives_of(config) if o.task]
+    points = []
+    for r in pool.evaluate(cands):
+        if r.ok:
+            points.append([r.estimates[o.task][config.fitness.estimator] for o in objectives])
+    return np.array(points)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--out", type=Path, default=Path("bench/out/demo_bench"), help="where the runs go")
+    args = p.parse_args()
+    if not (demo.DEFAULT_CACHE / "kit" / "calibration.json").is_file():
+        print("run `evomerge demo` first: it builds the kit and its calibration", file=sys.stderr)
+        return 2
+    base = yaml.safe_load(demo.DEMO_CONFIG.read_text())
+    rows = []
+    pool = None
+    try:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            run_dir = demo.DEFAULT_RUN_DIR if seed == base["seed"] and demo.DEFAULT_RUN_DIR.is_dir() \
+                else args.out / f"nsga2-seed{seed}"
+            if not (run_dir / "config.yaml").is_file():
+                path = args.out / f"demo-seed{seed}.yaml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(yaml.safe_dump({**absolute_paths(base), "seed": seed, "name": f"demo-seed{seed}"}))
+                create_run(path, run_dir)
+            run, prepared = open_run(run_dir)
+            if pool is None:
+                pool = workers.RayPool(prepared)  # any demo candidate: same sources, tasks and anchors
+            t = time.perf_counter()
+            ga, done = nsga2_points(run_dir, pool)
+            t_ga = time.perf_counter() - t
+            t = time.perf_counter()
+            rs = random_points(prepared, pool, seed, done)
+            t_rs = time.perf_counter() - t
+            rows.append((seed, done, hypervolume(ga), hypervolume(rs), t_ga, t_rs))
+            print(f"seed {seed}: {done} evaluations each; hypervolume NSGA-II {rows[-1][2]:.4f}, random "
+                  f"{rows[-1][3]:.4f} ({100 * (rows[-1][2] / rows[-1][3] - 1):+.1f}%)", flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+    ga_mean, rs_mean = np.mean([r[2] for r in rows]), np.mean([r[3] for r in rows])
+    print(f"mean over {len(rows)} seeds: NSGA-II {ga_mean:.4f}, random {rs_mean:.4f}: "
+          f"{100 * (ga_mean / rs_mean - 1):+.1f}% (goal >= +10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

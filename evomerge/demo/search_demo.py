@@ -1,0 +1,191 @@
+"""`evomerge demo`: the product end to end on a fresh clone, offline, on CPU.
+
+    kit (built once, cached)  ->  calibration (once per kit)  ->  NSGA-II search (runs/demo.yaml)
+    ->  hand recipes scored like candidates  ->  front exported  ->  one table on the held-out test splits
+
+Every stage is kept on disk (the kit and its calibration under the cache, the search, hand-recipe scores
+and exports in the run directory), so an interrupted demo resumes where it stopped and a finished one
+prints the same table again in seconds. Everything is seeded: the same command prints the same table.
+
+The CLI (`evomerge/cli.py`) calls these stages in order and owns the progress display and the worker pool.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "runs" / "demo.yaml"
+CALIBRATE_CONFIG = REPO / "runs" / "demo-calibrate.yaml"
+TASKS_DIR = REPO / "fitness" / "demo"
+DEFAULT_CACHE = REPO / ".cache" / "demo"  # what runs/demo*.yaml name (through the cache's `kit` link)
+DEFAULT_RUN_DIR = REPO / "runs" / "demo"
+SEARCHED = ("demo_add", "demo_words")  # the objectives; demo_cross (never trained) is only reported
+TEST_TASKS = {"demo_add": "demo_add_test", "demo_words": "demo_words_test", "demo_cross": "demo_cross_test"}
+HAND_FILE = "hand_recipes.json"
+TABLE_FILE = "demo_table.json"
+
+Log = Callable[[str], None]
+
+
+def check_checkout() -> None:
+    missing = [p for p in (DEMO_CONFIG, CALIBRATE_CONFIG, TASKS_DIR) if not p.exists()]
+    if missing:
+        raise EvomergeError(f"the demo needs the repository checkout: {missing[0]} is missing (install evomerge "
+                            "with `pip install -e .` from a clone and run the demo from there)")
+
+
+def ensure_calibration(log: Log, progress: Callable[[int, int, str], None]) -> Path:
+    """The kit's calibration (runs/demo-calibrate.yaml), computed on first use and kept beside the kit."""
+    from evomerge.config import CalibrationConfig, load_config
+    from evomerge.fitness.calibrate import calibrate, calibration_outputs, write_outputs
+
+    config = load_config(CALIBRATE_CONFIG, CalibrationConfig)
+    out, responses_dir = calibration_outputs(config, CALIBRATE_CONFIG, force=True)
+    if out.is_file():
+        log(f"calibration: cached in {out}")
+        return out
+    calibration, responses = calibrate(config, CALIBRATE_CONFIG, progress=progress)
+    write_outputs(calibration, responses, out, responses_dir)  # the calibration file last, atomically
+    log(f"calibration: {len(responses)} tasks, {config.anchors} anchors each, written to {out}")
+    return out
+
+
+def open_demo_run(run_dir: Path):
+    """(run, prepared): the existing demo run (finished or not), else a new one from runs/demo.yaml."""
+    from evomerge.search.session import create_run, open_run
+
+    if (run_dir / "config.yaml").is_file():
+        return open_run(run_dir)
+    return create_run(DEMO_CONFIG, run_dir)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model of the table: its search-split estimates (as the search sees it) and held-out test accuracy."""
+
+    name: str
+    kind: str  # specialist, hand, front
+    estimated: dict[str, float]  # objective task -> IRT estimate on the search split (empty for specialists)
+    test: dict[str, float]  # task -> accuracy on the full test split
+
+    @property
+    def estimated_mean(self) -> float | None:
+        return sum(self.estimated.values()) / len(self.estimated) if self.estimated else None
+
+    @property
+    def test_mean(self) -> float:
+        return sum(self.test[t] for t in SEARCHED) / len(SEARCHED)
+
+
+def score_hand_recipes(prepared, pool, run_dir: Path, log: Log) -> dict[str, dict[str, float]]:
+    """name -> {task: estimate} of every hand recipe, scored by the pool like a candidate (kept in the run)."""
+    from evomerge.demo.hand import hand_recipes
+    from evomerge.search.records import Candidate
+    from evomerge.search.rundir import write_atomic
+
+    path = run_dir / HAND_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = prepared.config
+    recipes = hand_recipes(config.sources.models, config.sources.base_model)
+    candidates = [Candidate(f"hand-{i:02d}", 0, i, [], doc, config.seed) for i, doc in enumerate(recipes.values())]
+    names = {c.key: name for c, name in zip(candidates, recipes)}
+    scored: dict[str, dict[str, float]] = {}
+    for result in pool.evaluate(candidates):
+        if not result.ok:
+            raise EvomergeError(f"hand recipe {names[result.key]!r} failed: {result.error}")
+        scored[names[result.key]] = {t: result.estimates[t][config.fitness.estimator] for t in SEARCHED}
+    scored = {name: scored[name] for name in recipes}  # grid order, whatever order results came in
+    write_atomic(path, json.dumps(scored, indent=1).encode())
+    log(f"hand recipes: {len(scored)} scored on the search split")
+    return scored
+
+
+def best_hand(scored: Mapping[str, Mapping[str, float]], method: str) -> str:
+    """The hand recipe of `method` with the best mean estimate: chosen on the search split, as the search
+    chooses (ties: the first in grid order)."""
+    names = [n for n in scored if n.split()[0] == method]
+    return max(names, key=lambda n: sum(scored[n].values()) / len(scored[n]))
+
+
+def test_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]], front: list[dict],
+               exported: Mapping[str, Path], log: Log) -> list[Scored]:
+    """Score the specialists, the best hand recipes and the exported front models on every test item."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from evomerge.demo.hand import hand_recipes
+    from evomerge.fitness.lmeval import Scorer
+    from evomerge.merge.ps import Materializer
+    from evomerge.merge.recipe import Recipe
+
+    hf_logging.disable_progress_bar()
+    config = prepared.config
+    sources = dict(config.sources.models)
+    scorer = Scorer(list(TEST_TASKS.values()), [TASKS_DIR],
+                    tokenizer=AutoTokenizer.from_pretrained(config.sources.base_model), batch_size=64)
+
+    def test(model) -> dict[str, float]:
+        with torch.no_grad():
+            scores = scorer.score(model)
+        return {t: float(scores[test_task].value) for t, test_task in TEST_TASKS.items()}
+
+    rows = []
+    for name, path in sources.items():
+        log(f"test split: {name}")
+        rows.append(Scored(name, "specialist", {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
+    recipes = hand_recipes(sources, config.sources.base_model)
+    paths = {ref: Path(ref) for ref in [*sources.values(), config.sources.base_model]}
+    materializer = Materializer(paths, config.sources.base_model)
+    for method in ("task_arithmetic", "ties"):
+        name = best_hand(hand, method)
+        log(f"test split: best {method} ({name})")
+        model = materializer.materialize(Recipe.from_mergekit(recipes[name], name), seed=config.seed)
+        rows.append(Scored(name, "hand", dict(hand[name]), test(model)))
+    for item in front:
+        log(f"test split: front model {item['id']}")
+        model = AutoModelForCausalLM.from_pretrained(exported[item["id"]]).eval()
+        estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
+        rows.append(Scored(item["id"], "front", estimated, test(model)))
+    hand_rows = [r for r in rows if r.kind == "hand"]
+    front_rows = sorted((r for r in rows if r.kind == "front"), key=lambda r: -r.estimated_mean)
+    rows = [r for r in rows if r.kind == "specialist"] + hand_rows + front_rows
+    (run_dir / TABLE_FILE).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    return rows
+
+
+def short_name(row: Scored) -> str:
+    """A table label: 'ties 1/0.5 d0.9' for a hand recipe, the id's generation-index part for a front model."""
+    if row.kind == "front":
+        return row.name[:10]
+    if row.kind == "hand":
+        words = row.name.split()
+        weights = "/".join(w.split("=")[1] for w in words[1:] if "=" in w)
+        density = f" d{words[-1]}" if "density" in words else ""
+        return f"{'TA' if words[0] == 'task_arithmetic' else words[0]} {weights}{density}"
+    return row.name
+
+
+def summary(rows: list[Scored]) -> list[str]:
+    """The comparisons the demo exists for, in points of held-out test accuracy."""
+    front = [r for r in rows if r.kind == "front"]
+    if not front:
+        return ["the search found no front model (every candidate failed): see the run's ledger"]
+    best = max(front, key=lambda r: r.estimated_mean)  # chosen on the search split, as a user would choose
+    hand = max((r for r in rows if r.kind == "hand"), key=lambda r: r.estimated_mean)
+    specialists = {"adder": "demo_add", "translator": "demo_words"}
+    lines = [f"best front model by search-split estimate: {best.name}",
+             f"  vs the best hand recipe ({hand.name}), mean of add and words: "
+             + f"{100 * (best.test_mean - hand.test_mean):+.1f} points"]
+    for r in rows:
+        if r.kind == "specialist" and r.name in specialists:
+            task = specialists[r.name]
+            lines.append(f"  vs the {r.name} on {task}: {100 * (best.test[task] - r.test[task]):+.1f} points")
+    return lines

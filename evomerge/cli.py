@@ -322,7 +322,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     front = status(run, prepared)["front"]
     exported = export_run(run.path, run.path / "front", ids=[f["id"] for f in front], force=True, log=console.log)
     with console.status("scoring on the held-out test splits"):
-        rows = demo.test_table(prepared, run.path, hand, front, {e.key: e.path for e in exported}, console.log)
+        rows = demo.held_out_table(prepared, run.path, hand, front, {e.key: e.path for e in exported}, console.log)
     _print_demo_table(rows)
     for line in demo.summary(rows):
         print(line)

@@ -40,29 +40,30 @@ def check_checkout() -> None:
                             "with `pip install -e .` from a clone and run the demo from there)")
 
 
-def ensure_calibration(log: Log, progress: Callable[[int, int, str], None]) -> Path:
+def ensure_calibration(log: Log, progress: Callable[[int, int, str], None], config_path: Path = CALIBRATE_CONFIG,
+                       ) -> Path:
     """The kit's calibration (runs/demo-calibrate.yaml), computed on first use and kept beside the kit."""
     from evomerge.config import CalibrationConfig, load_config
     from evomerge.fitness.calibrate import calibrate, calibration_outputs, write_outputs
 
-    config = load_config(CALIBRATE_CONFIG, CalibrationConfig)
-    out, responses_dir = calibration_outputs(config, CALIBRATE_CONFIG, force=True)
+    config = load_config(config_path, CalibrationConfig)
+    out, responses_dir = calibration_outputs(config, config_path, force=True)
     if out.is_file():
         log(f"calibration: cached in {out}")
         return out
-    calibration, responses = calibrate(config, CALIBRATE_CONFIG, progress=progress)
+    calibration, responses = calibrate(config, config_path, progress=progress)
     write_outputs(calibration, responses, out, responses_dir)  # the calibration file last, atomically
     log(f"calibration: {len(responses)} tasks, {config.anchors} anchors each, written to {out}")
     return out
 
 
-def open_demo_run(run_dir: Path):
+def open_demo_run(run_dir: Path, config_path: Path = DEMO_CONFIG):
     """(run, prepared): the existing demo run (finished or not), else a new one from runs/demo.yaml."""
     from evomerge.search.session import create_run, open_run
 
     if (run_dir / "config.yaml").is_file():
         return open_run(run_dir)
-    return create_run(DEMO_CONFIG, run_dir)
+    return create_run(config_path, run_dir)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ def best_hand(scored: Mapping[str, Mapping[str, float]], method: str) -> str:
     return max(names, key=lambda n: sum(scored[n].values()) / len(scored[n]))
 
 
-def test_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]], front: list[dict],
-               exported: Mapping[str, Path], log: Log) -> list[Scored]:
+def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]], front: list[dict],
+               exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR) -> list[Scored]:
     """Score the specialists, the best hand recipes and the exported front models on every test item."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,7 +130,7 @@ def test_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]],
     hf_logging.disable_progress_bar()
     config = prepared.config
     sources = dict(config.sources.models)
-    scorer = Scorer(list(TEST_TASKS.values()), [TASKS_DIR],
+    scorer = Scorer(list(TEST_TASKS.values()), [tasks_dir],
                     tokenizer=AutoTokenizer.from_pretrained(config.sources.base_model), batch_size=64)
 
     def test(model) -> dict[str, float]:

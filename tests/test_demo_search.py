@@ -1,0 +1,95 @@
+"""The demo search's stages end to end on a tiny demo kit (the real demo trains for minutes; this one for
+seconds): calibration, NSGA-II, hand recipes scored like candidates, export, the held-out table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from evomerge.demo import search_demo as demo
+from evomerge.demo.hand import hand_recipes
+from evomerge.demo.kit import KitConfig, build_demo_kit
+
+TINY = KitConfig(hidden=32, layers=2, heads=2, intermediate=64, block=32, batch=4, base_steps=6,
+                 specialist_steps=4, warmup=2, log_every=3)
+
+
+def test_hand_recipes_are_a_grid_of_valid_mergekit_recipes():
+    from evomerge.merge.recipe import Recipe
+
+    recipes = hand_recipes({"adder": "/m/adder", "translator": "/m/translator"}, "/m/base")
+    assert len(recipes) == 16 + 12
+    ta = recipes["task_arithmetic adder=1 translator=0.75"]
+    assert [m["parameters"]["weight"] for m in ta["models"]] == [1.0, 0.75] and ta["base_model"] == "/m/base"
+    ties = recipes["ties adder=0.5 translator=1 density 0.3"]
+    assert {m["parameters"]["density"] for m in ties["models"]} == {0.3}
+    for name, doc in recipes.items():
+        Recipe.from_mergekit(doc, name)  # every one parses as a merge recipe
+
+
+def test_best_hand_is_chosen_by_mean_estimate_per_method():
+    scored = {"task_arithmetic a=1 b=1": {"x": 0.6, "y": 0.6}, "task_arithmetic a=1 b=0.5": {"x": 0.9, "y": 0.4},
+              "ties a=1 b=1 density 0.3": {"x": 0.2, "y": 0.9}, "ties a=1 b=1 density 0.6": {"x": 0.5, "y": 0.7}}
+    assert demo.best_hand(scored, "task_arithmetic") == "task_arithmetic a=1 b=0.5"  # 0.65 > 0.6
+    assert demo.best_hand(scored, "ties") == "ties a=1 b=1 density 0.6"
+
+
+@pytest.fixture(scope="module")
+def demo_workspace(tmp_path_factory):
+    """A tiny kit, and the demo's calibration and run configs pointed at it (as runs/demo*.yaml point at
+    .cache/demo/kit)."""
+    root = tmp_path_factory.mktemp("demo")
+    kit = build_demo_kit(root / "cache", config=TINY)
+    models = {"adder": str(kit.specialists["adder"]), "translator": str(kit.specialists["translator"])}
+    calibrate = yaml.safe_load(demo.CALIBRATE_CONFIG.read_text())
+    calibrate.update(models=models, base_model=str(kit.base), task_paths=[str(kit.tasks_dir)], reference_merges=3,
+                     anchors=20, out=str(root / "cache" / "kit" / "calibration.json"))
+    (root / "calibrate.yaml").write_text(yaml.safe_dump(calibrate))
+    run = yaml.safe_load(demo.DEMO_CONFIG.read_text())
+    run.update(sources={"models": models, "base_model": str(kit.base)}, algorithm={"pop_size": 6, "generations": 2})
+    run["fitness"].update(calibration=calibrate["out"], task_paths=[str(kit.tasks_dir)])
+    (root / "demo.yaml").write_text(yaml.safe_dump(run))
+    return root, kit
+
+
+@pytest.mark.slow
+def test_demo_stages_end_to_end(demo_workspace):
+    from evomerge.export import export_run
+    from evomerge.search.session import LocalPool, drive, status
+
+    root, kit = demo_workspace
+    log: list[str] = []
+    calibration = demo.ensure_calibration(log.append, lambda *a: None, root / "calibrate.yaml")
+    assert calibration.is_file() and calibration.resolve().parent == kit.root.resolve()  # beside its kit
+    assert demo.ensure_calibration(log.append, lambda *a: None, root / "calibrate.yaml") == calibration
+    assert log[-1].startswith("calibration: cached")
+
+    run_dir = root / "run"
+    run, prepared = demo.open_demo_run(run_dir, root / "demo.yaml")
+    pool = LocalPool(prepared)
+    drive(run, prepared, pool)
+    hand = demo.score_hand_recipes(prepared, pool, run.path, log.append)
+    assert len(hand) == 28 and all(set(v) == set(demo.SEARCHED) for v in hand.values())
+    assert json.loads((run.path / demo.HAND_FILE).read_text()) == hand  # kept: a rerun scores nothing
+    assert demo.score_hand_recipes(prepared, None, run.path, log.append) == hand
+
+    front = status(run, prepared)["front"]
+    exported = export_run(run.path, run.path / "front", ids=[f["id"] for f in front], force=True)
+    paths = {e.key: e.path for e in exported}
+    rows = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir)
+    kinds = [r.kind for r in rows]
+    assert kinds == ["specialist"] * 2 + ["hand"] * 2 + ["front"] * len(front)
+    assert [r.name for r in rows[:2]] == ["adder", "translator"]
+    assert all(set(r.test) == set(demo.TEST_TASKS) and all(0 <= v <= 1 for v in r.test.values()) for r in rows)
+    estimates = [r.estimated_mean for r in rows if r.kind == "front"]
+    assert estimates == sorted(estimates, reverse=True)
+    lines = demo.summary(rows)
+    assert lines[0].startswith("best front model by search-split estimate: " + rows[4].name)
+
+    # the same run, reopened: the same table (seeded, and every stage read back from disk)
+    table = (run.path / demo.TABLE_FILE).read_text()
+    run, prepared = demo.open_demo_run(run_dir, root / "demo.yaml")
+    again = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir)
+    assert again == rows and (run.path / demo.TABLE_FILE).read_text() == table

@@ -93,3 +93,18 @@ def test_demo_stages_end_to_end(demo_workspace):
     run, prepared = demo.open_demo_run(run_dir, root / "demo.yaml")
     again = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir)
     assert again == rows and (run.path / demo.TABLE_FILE).read_text() == table
+
+
+@pytest.mark.parametrize("name", ["demo-calibrate.yaml", "demo.yaml", "demo-dfs.yaml"])
+def test_example_configs_in_runs_are_valid(name):
+    from evomerge.config import CalibrationConfig, RunConfig, load_config
+    from evomerge.genome import SearchSpace
+
+    path = demo.REPO / "runs" / name
+    if name.endswith("calibrate.yaml"):
+        assert load_config(path, CalibrationConfig).tasks == list(demo.SEARCHED)
+        return
+    config = load_config(path, RunConfig)
+    space = SearchSpace.load(config.search_space, sources=config.sources.models, base_model=config.sources.base_model)
+    assert space.dim({n: 4 for n in config.sources.models}) > 0
+    assert {o.task for o in config.objectives if o.task} == set(demo.SEARCHED)

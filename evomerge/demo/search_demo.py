@@ -116,7 +116,7 @@ def best_hand(scored: Mapping[str, Mapping[str, float]], method: str) -> str:
 
 
 def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]], front: list[dict],
-               exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR) -> list[Scored]:
+                   exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR) -> list[Scored]:
     """Score the specialists, the best hand recipes and the exported front models on every test item."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -118,58 +118,32 @@ def _resolve(ident: str, records: dict[str, Record], where: str) -> Record:
 # ---------------------------------------------------------------------------------------------- building
 
 
-class _Sources:
-    """The run's sources, loaded once, as the evaluator loads them: one Materializer over base + sources (PS
-    recipes and the merge of hybrid ones) and, on demand, the sources' own live models (data-flow paths)."""
+class _Writer:
+    """Rebuilds ledger records from the run's sources (loaded once, as the evaluator loads them)."""
 
     def __init__(self, config: RunConfig, config_dir: Path, device: str) -> None:
-        from transformers import AutoConfig
+        from evomerge.search.sources import SourceModels
 
-        from evomerge.io.paths import resolve_model
-        from evomerge.merge.dfs import num_layers
-        from evomerge.merge.ps import Materializer
-
-        src = config.sources
-        search = [Path(config_dir), Path.cwd()]
-        refs = dict.fromkeys([*src.models.values(), *([src.base_model] if src.base_model else [])])
-        self.paths = {ref: resolve_model(ref, search, "sources") for ref in refs}
-        self.layers = {ref: num_layers(AutoConfig.from_pretrained(p)) for ref, p in self.paths.items()}
-        self.device = device
-        self.materializer = Materializer(self.paths, src.base_model or next(iter(src.models.values())), device=device)
-        self.dtype = self.materializer.model_dtype
-        self._models: dict[str, Any] = {}
-
-    def model(self, ref: str):
-        if ref not in self._models:
-            from evomerge.merge.dfs import load_models
-
-            self._models[ref] = load_models({ref: self.paths[ref]}, device=self.device, dtype=self.dtype)[ref]
-        return self._models[ref]
+        self.sources = SourceModels(config, config_dir, device)
 
     def write(self, rec: Record, out: Path, *, max_shard_bytes: int, where: str) -> str:
         """Write the record's recipe, materialized with its seed, to `out`; returns the kind written."""
-        from evomerge.errors import RecipeError
         from evomerge.merge.dataflow import is_dataflow, parse_dataflow
         from evomerge.merge.recipe import Recipe
         from evomerge.merge.run import write_dataflow_checkpoint, write_ps_checkpoint
 
         seed = rec.seed if rec.seed is not None else 0
+        src = self.sources
         if is_dataflow(rec.recipe):
-            def count(s) -> int:
-                ref = s.model if s.model is not None else (s.merge.base_model or s.merge.models[0].model)
-                if ref not in self.layers:
-                    raise RecipeError(f"{where}: model {ref!r} is not one of this run's sources")
-                return self.layers[ref]
-
-            recipe = parse_dataflow(rec.recipe, where, count)
-            models = {s.name: self.model(s.model) if s.model is not None
-                      else self.materializer.materialize(s.merge, seed=seed) for s in recipe.sources}
-            write_dataflow_checkpoint(out, models, recipe, self.paths, dtype=self.dtype,
+            recipe = parse_dataflow(rec.recipe, where, lambda source: src.layer_count(source, where))
+            models = {s.name: src.model(s.model) if s.model is not None
+                      else src.materializer.materialize(s.merge, seed=seed) for s in recipe.sources}
+            write_dataflow_checkpoint(out, models, recipe, src.paths, dtype=src.dtype,
                                       max_shard_bytes=max_shard_bytes, force=False)
             return "hybrid" if any(s.merge is not None for s in recipe.sources) else "dataflow"
         recipe = Recipe.from_mergekit(rec.recipe, where)
-        tensors = self.materializer.merged_tensors(recipe, seed=seed).items()
-        write_ps_checkpoint(out, tensors, recipe, self.paths, dtype=self.dtype, max_shard_bytes=max_shard_bytes,
+        tensors = src.materializer.merged_tensors(recipe, seed=seed).items()
+        write_ps_checkpoint(out, tensors, recipe, src.paths, dtype=src.dtype, max_shard_bytes=max_shard_bytes,
                             force=False)
         return "ps"
 
@@ -270,7 +244,7 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     done: list[Exported] = []
     try:
-        sources = _Sources(config, prepared.config_dir, device)
+        sources = _Writer(config, prepared.config_dir, device)
         verifier = _Verifier(config, prepared.config_dir, device) if verify else None
         for n, rec in enumerate(records, 1):
             log(f"exporting {rec.key} ({n}/{len(records)})" + (" and verifying it on the full tasks" if verify else ""))
@@ -281,7 +255,7 @@ def export_run(
     return done
 
 
-def _export_one(rec: Record, out: Path, sources: _Sources, verifier: _Verifier | None, run: RunDir,
+def _export_one(rec: Record, out: Path, sources: _Writer, verifier: _Verifier | None, run: RunDir,
                 prepared: Prepared, max_shard_bytes: int) -> Exported:
     from evomerge.merge.run import MERGEKIT_FILE, RECIPE_FILE
     from evomerge.modelcard import model_card

@@ -12,7 +12,6 @@ import yaml
 from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.genome import SearchSpace
-from evomerge.search import evaluate as ev_mod
 from evomerge.search.evaluate import Candidate, EvalResult, Evaluator, all_finite
 from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
@@ -43,7 +42,9 @@ def setup(tmp_path_factory):
 def evaluator(setup):
     root, config = setup
     counts = {"materializer": 0, "load_models": 0}
-    real_mat, real_load = ev_mod.Materializer, __import__("evomerge.merge.dfs", fromlist=["x"]).load_models
+    from evomerge.merge import dfs, ps
+
+    real_mat, real_load = ps.Materializer, dfs.load_models
 
     class Counting(real_mat):
         def __init__(self, *a, **kw):
@@ -55,7 +56,7 @@ def evaluator(setup):
         return real_load(*a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev_mod, "Materializer", Counting)
+        mp.setattr(ps, "Materializer", Counting)
         mp.setattr("evomerge.merge.dfs.load_models", load_models)
         ev = Evaluator(config, root, worker="w0", node="n0")
         ev.counts = counts
@@ -215,6 +216,6 @@ def test_sources_are_loaded_once(evaluator):
         assert ev.materializer.model is model
     assert ev.counts["materializer"] == 1
     assert ev.counts["load_models"] <= len(SOURCES)  # each source's live model at most once, ever
-    loaded = dict(ev._pool)
+    loaded = ev.sources.loaded
     ev.evaluate(_candidate("dfs_paths", ev, "d2"))
-    assert all(ev._pool[k] is v for k, v in loaded.items())
+    assert loaded and all(ev.sources.loaded[k] is v for k, v in loaded.items())

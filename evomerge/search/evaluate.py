@@ -24,11 +24,11 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import FitnessError, RecipeError
-from evomerge.io.paths import find_path, resolve_model
+from evomerge.io.paths import find_path
 from evomerge.merge.dataflow import is_dataflow, parse_dataflow
-from evomerge.merge.ps import Materializer
 from evomerge.merge.recipe import Recipe
 from evomerge.search.records import FAILED, OK, Candidate, EvalResult
+from evomerge.search.sources import SourceModels
 
 
 class NonFiniteError(FitnessError):
@@ -89,11 +89,10 @@ class Evaluator:
 
     def __init__(self, config: RunConfig, config_dir: str | Path, *, device: str | torch.device = "cpu",
                  worker: str = "local", node: str | None = None) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from evomerge.fitness.calibration import Calibration
         from evomerge.fitness.lmeval import Scorer
-        from evomerge.merge.dfs import num_layers
 
         self.config = config
         self.config_dir = Path(config_dir).resolve()
@@ -101,38 +100,25 @@ class Evaluator:
         self.worker = worker
         self.node = node if node is not None else socket.gethostname()
         search = [self.config_dir, Path.cwd()]
-        src = config.sources
-        # model references as the recipes write them (the config's path strings) -> directories
-        self.names = dict(src.models)  # source name -> reference
-        refs = list(dict.fromkeys([*src.models.values(), *([src.base_model] if src.base_model else [])]))
-        self.paths: dict[str, Path] = {}
-        for ref in refs:
-            field_name = "sources.base_model" if ref == src.base_model else \
-                f"sources.models.{next(n for n, r in src.models.items() if r == ref)}"
-            self.paths[ref] = resolve_model(ref, search, f"{field_name}")
-        self.base_ref = src.base_model or next(iter(src.models.values()))
-        self.model_configs = {ref: AutoConfig.from_pretrained(p) for ref, p in self.paths.items()}
-        self._layers_by_ref = {ref: num_layers(c) for ref, c in self.model_configs.items()}
-
-        self.materializer = Materializer(self.paths, self.base_ref, device=self.device)
-        self.materializer.model  # noqa: B018  (the live model, built once)
-        self.dtype = self.materializer.model_dtype
+        self.sources = SourceModels(config, self.config_dir, self.device)
+        self.sources.materializer.model  # noqa: B018  (the live model, built once)
+        self.materializer = self.sources.materializer
         self._ps_params = sum(p.numel() for p in self.materializer.model.parameters())  # tied tensors once
-        self._pool: dict[str, torch.nn.Module] = {}  # reference -> live source model (data flow), loaded on demand
+        self._checked: set[str] = set()  # live source models whose weights were checked
 
         self.calibration = Calibration.load(find_path(config.fitness.calibration, search))
         self.tasks = list(config.fitness.tasks or self.calibration.tasks)
         self.anchors = {t: self.calibration.anchors(t) for t in self.tasks}
         self._anchor_ids = {t: [int(i) for i in ids] for t, ids in self.anchors.items()}
         self.scorer = Scorer(self.tasks, [find_path(p, search) for p in config.fitness.task_paths],
-                             tokenizer=AutoTokenizer.from_pretrained(self.paths[self.base_ref]),
+                             tokenizer=AutoTokenizer.from_pretrained(self.sources.paths[self.sources.base_ref]),
                              batch_size=config.fitness.batch_size, device=self.device)
         self._space = None
 
     # -- what the driver needs -------------------------------------------------------------------------
     def layer_counts(self) -> dict[str, int]:
         """Source name -> number of layers (what genome decoding needs)."""
-        return {name: self._layers_by_ref[ref] for name, ref in self.names.items()}
+        return {name: self.sources.layers[ref] for name, ref in self.sources.names.items()}
 
     @property
     def space(self):
@@ -189,17 +175,7 @@ class Evaluator:
     def _route(self, doc: dict, where: str, seed: int) -> tuple[torch.nn.Module, dict[str, float], list]:
         from evomerge.merge.dfs import build_routed_model, layers_of
 
-        def count(s) -> int:
-            if s.model is not None:
-                ref = s.model
-            else:
-                ref = s.merge.base_model or s.merge.models[0].model
-            if ref not in self._layers_by_ref:
-                raise RecipeError(f"{where}: model {ref!r} is not one of this run's sources "
-                                  f"({', '.join(self._layers_by_ref)})")
-            return self._layers_by_ref[ref]
-
-        recipe = parse_dataflow(doc, where, count)
+        recipe = parse_dataflow(doc, where, lambda source: self.sources.layer_count(source, where))
         merges = [s for s in recipe.sources if s.merge is not None]
         if len(merges) > 1:
             raise RecipeError(f"{where}: {len(merges)} merge sources, but a worker keeps one live merged model")
@@ -225,16 +201,12 @@ class Evaluator:
 
     def _source_model(self, ref: str) -> torch.nn.Module:
         """A source's own live model (loaded once, on first use; its weights are checked once)."""
-        if ref not in self._pool:
-            from evomerge.merge.dfs import load_models
-
-            if ref not in self.paths:
-                raise RecipeError(f"model {ref!r} is not one of this run's sources ({', '.join(self.paths)})")
-            model = load_models({ref: self.paths[ref]}, device=self.device, dtype=self.dtype)[ref]
+        model = self.sources.model(ref)
+        if ref not in self._checked:
             if not all_finite(model.parameters()):
                 raise NonFiniteError(f"source {ref} holds NaN or inf weights")
-            self._pool[ref] = model
-        return self._pool[ref]
+            self._checked.add(ref)
+        return model
 
     def _estimate(self, scores: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
         from evomerge.fitness.estimators import estimate

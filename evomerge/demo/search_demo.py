@@ -5,7 +5,8 @@
 
 Every stage is kept on disk (the kit and its calibration under the cache, the search, hand-recipe scores
 and exports in the run directory), so an interrupted demo resumes where it stopped and a finished one
-prints the same table again in seconds. Everything is seeded: the same command prints the same table.
+prints the same table again (re-exporting and re-scoring only the front). Everything is seeded: the same
+command prints the same table.
 
 The CLI (`evomerge/cli.py`) calls these stages in order and owns the progress display and the worker pool.
 """

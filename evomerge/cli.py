@@ -312,17 +312,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or demo.DEFAULT_RUN_DIR
     run, prepared = demo.open_demo_run(run_dir)
     console.log(f"run directory: {run.path}")
-    pool = _pool(prepared, args, console)
-    try:
-        _search_with_progress(run, prepared, pool, console)
-        with console.status("scoring hand recipes (a grid of task_arithmetic and ties) on the search split"):
-            hand = demo.score_hand_recipes(prepared, pool, run.path, console.log)
-    finally:
-        getattr(pool, "close", lambda: None)()
-    front = status(run, prepared)["front"]
-    exported = export_run(run.path, run.path / "front", ids=[f["id"] for f in front], force=True, log=console.log)
-    with console.status("scoring on the held-out test splits"):
-        rows = demo.held_out_table(prepared, run.path, hand, front, {e.key: e.path for e in exported}, console.log)
+    state = status(run, prepared)
+    if state["generation"] < state["generations"] or not (run.path / demo.HAND_FILE).is_file():
+        pool = _pool(prepared, args, console)
+        try:
+            _search_with_progress(run, prepared, pool, console)
+            with console.status("scoring hand recipes (a grid of task_arithmetic and ties) on the search split"):
+                demo.score_hand_recipes(prepared, pool, run.path, console.log)
+        finally:
+            getattr(pool, "close", lambda: None)()
+        state = status(run, prepared)
+    else:
+        console.log("search and hand recipes: finished, read from the run directory")
+    hand = demo.score_hand_recipes(prepared, None, run.path, console.log)  # kept in the run directory
+    front, front_dir = state["front"], run.path / "front"
+    todo = [f["id"] for f in front if not (front_dir / f["id"]).is_dir()]  # an export appears whole or not at all
+    if todo:
+        export_run(run.path, front_dir, ids=todo, force=True, log=console.log)
+    rows = demo.cached_table(run.path, front)
+    if rows is None:
+        with console.status("scoring on the held-out test splits"):
+            rows = demo.held_out_table(prepared, run.path, hand, front, {f["id"]: front_dir / f["id"] for f in front},
+                                       console.log)
     _print_demo_table(rows)
     for line in demo.summary(rows):
         print(line)

@@ -93,6 +93,9 @@ def test_demo_stages_end_to_end(demo_workspace):
     run, prepared = demo.open_demo_run(run_dir, root / "demo.yaml")
     again = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir)
     assert again == rows and (run.path / demo.TABLE_FILE).read_text() == table
+    # what a finished demo prints from: the table kept for this front, and none for another front
+    assert demo.cached_table(run.path, front) == rows
+    assert demo.cached_table(run.path, front[1:] + [{"id": "g9999-0000-x"}]) is None
 
 
 @pytest.mark.parametrize("name", ["demo-calibrate.yaml", "demo.yaml", "demo-dfs.yaml"])

@@ -5,7 +5,7 @@
 
 Every stage is kept on disk (the kit and its calibration under the cache, the search, hand-recipe scores
 and exports in the run directory), so an interrupted demo resumes where it stopped and a finished one
-prints the same table again (re-exporting and re-scoring only the front). Everything is seeded: the same
+prints the same table again from disk, in seconds (no Ray, no scoring). Everything is seeded: the same
 command prints the same table.
 
 The CLI (`evomerge/cli.py`) calls these stages in order and owns the progress display and the worker pool.
@@ -127,6 +127,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
     from evomerge.fitness.lmeval import Scorer
     from evomerge.merge.ps import Materializer
     from evomerge.merge.recipe import Recipe
+    from evomerge.search.rundir import write_atomic
 
     hf_logging.disable_progress_bar()
     config = prepared.config
@@ -159,8 +160,17 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
     hand_rows = [r for r in rows if r.kind == "hand"]
     front_rows = sorted((r for r in rows if r.kind == "front"), key=lambda r: -r.estimated_mean)
     rows = [r for r in rows if r.kind == "specialist"] + hand_rows + front_rows
-    (run_dir / TABLE_FILE).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    write_atomic(run_dir / TABLE_FILE, (json.dumps([asdict(r) for r in rows], indent=1) + "\n").encode())
     return rows
+
+
+def cached_table(run_dir: Path, front: list[dict]) -> list[Scored] | None:
+    """The held-out table a previous demo wrote for this front, else None."""
+    path = run_dir / TABLE_FILE
+    if not path.is_file():
+        return None
+    rows = [Scored(**row) for row in json.loads(path.read_text())]
+    return rows if {r.name for r in rows if r.kind == "front"} == {f["id"] for f in front} else None
 
 
 def short_name(row: Scored) -> str:

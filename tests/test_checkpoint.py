@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -34,6 +35,20 @@ def test_sharded_checkpoint_is_read_through_its_index(llama):
     assert (llama.base / "model.safetensors.index.json").is_file()
     assert len({m.file for m in ck.tensors.values()}) > 1
     assert ck.dtype == torch.float32
+
+
+def test_headers_alone_give_the_inventory_of_a_sharded_checkpoint(llama, tmp_path):
+    """The torch-free header reader (preflight) agrees with the loader on names and shapes, across shards."""
+    from evomerge.io.headers import inventory
+
+    ck = Checkpoint.open(llama.base)
+    names = inventory(llama.base)
+    assert {n: shape for n, (_, shape) in names.items()} == {n: m.shape for n, m in ck.tensors.items()}
+    assert {dtype for dtype, _ in names.values()} == {"F32"}
+    assert inventory(tmp_path) is None  # no safetensors: nothing to compare
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        inventory(tmp_path)
 
 
 def test_dtypes_are_reported(qwen2_bf16, gpt2_tied):
@@ -93,6 +108,10 @@ def test_saved_checkpoint_loads_with_plain_transformers(family, request, tmp_pat
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not list(tmp_path.glob(".out.partial-*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # made to be shared: not mkdtemp's 0700
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
 
     ids = torch.tensor([[1, 5, 9, 2]])
     original = AutoModelForCausalLM.from_pretrained(fam.sources[1]).eval()

@@ -49,8 +49,7 @@ def absolute_paths(config: dict) -> dict:
                         "task_paths": [absolute(p) for p in fitness["task_paths"]]}}
 
 
-def nsga2_points(run_dir: Path, pool) -> tuple[np.ndarray, int]:
-    run, prepared = open_run(run_dir)
+def nsga2_points(run, prepared, pool) -> tuple[np.ndarray, int]:
     drive(run, prepared, pool)  # continues or finishes it; a finished run evaluates nothing
     tasks = [o.name for o in objectives_of(prepared.config) if o.task]
     with run.open_ledger() as ledger:
@@ -98,7 +97,7 @@ def main() -> int:
             if pool is None:
                 pool = workers.RayPool(prepared)  # any demo candidate: same sources, tasks and anchors
             t = time.perf_counter()
-            ga, done = nsga2_points(run_dir, pool)
+            ga, done = nsga2_points(run, prepared, pool)
             t_ga = time.perf_counter() - t
             t = time.perf_counter()
             rs = random_points(prepared, pool, seed, done)

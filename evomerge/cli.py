@@ -318,13 +318,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         try:
             _search_with_progress(run, prepared, pool, console)
             with console.status("scoring hand recipes (a grid of task_arithmetic and ties) on the search split"):
-                demo.score_hand_recipes(prepared, pool, run.path, console.log)
+                hand = demo.score_hand_recipes(prepared, pool, run.path, console.log)
         finally:
             getattr(pool, "close", lambda: None)()
         state = status(run, prepared)
-    else:
+    else:  # finished: no Ray; the hand-recipe scores are read back from the run directory
         console.log("search and hand recipes: finished, read from the run directory")
-    hand = demo.score_hand_recipes(prepared, None, run.path, console.log)  # kept in the run directory
+        hand = demo.score_hand_recipes(prepared, None, run.path, console.log)
     front, front_dir = state["front"], run.path / "front"
     todo = [f["id"] for f in front if not (front_dir / f["id"]).is_dir()]  # an export appears whole or not at all
     if todo:

@@ -125,9 +125,9 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
 
     from evomerge.demo.hand import hand_recipes
     from evomerge.fitness.lmeval import Scorer
-    from evomerge.merge.ps import Materializer
     from evomerge.merge.recipe import Recipe
     from evomerge.search.rundir import write_atomic
+    from evomerge.search.sources import SourceModels
 
     hf_logging.disable_progress_bar()
     config = prepared.config
@@ -145,8 +145,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
         log(f"test split: {name}")
         rows.append(Scored(name, "specialist", {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
     recipes = hand_recipes(sources, config.sources.base_model)
-    paths = {ref: Path(ref) for ref in [*sources.values(), config.sources.base_model]}
-    materializer = Materializer(paths, config.sources.base_model)
+    materializer = SourceModels(config, prepared.config_dir).materializer  # as the workers build it
     for method in ("task_arithmetic", "ties"):
         name = best_hand(hand, method)
         log(f"test split: best {method} ({name})")

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from evomerge.search import workers  # before anything imports Ray (it sets Ray's auth mode)
 from evomerge.demo import search_demo as demo
+from evomerge.search import pool as ray_pool  # before anything imports Ray (it sets Ray's auth mode)
 from evomerge.search.driver import candidates_of, objectives_of
 from evomerge.search.session import create_run, drive, open_run
+from evomerge.worker.evaluator import Evaluator
 
 
 def hypervolume(points: np.ndarray) -> float:
@@ -95,7 +96,7 @@ def main() -> int:
                 create_run(path, run_dir)
             run, prepared = open_run(run_dir)
             if pool is None:
-                pool = workers.RayPool(prepared)  # any demo candidate: same sources, tasks and anchors
+                pool = ray_pool.RayPool(prepared, Evaluator)  # any demo candidate: same sources, tasks and anchors
             t = time.perf_counter()
             ga, done = nsga2_points(run, prepared, pool)
             t_ga = time.perf_counter() - t

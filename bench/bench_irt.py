@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.fitness.calibration import fit_calibration
+from evomerge.fitness.calibration_fit import fit_calibration
 from evomerge.fitness.estimators import ESTIMATORS, estimate
 from evomerge.fitness.responses import Responses, read_responses
 

@@ -31,9 +31,9 @@ import torch
 import yaml
 from benchlib import OUT, cached_family, checkpoint_params, run_mergekit, write_yaml
 
-from evomerge.merge.ps import Materializer
 from evomerge.merge.recipe import Recipe
 from evomerge.testing.tiny import TinySpec
+from evomerge.worker.materializer import Materializer
 
 N_SOURCES = 3
 SIZES = {

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.search import workers  # before anything imports Ray (it sets Ray's auth mode)
+from evomerge.search import pool as ray_pool  # before anything imports Ray (it sets Ray's auth mode)
 from evomerge.search.session import create_run, drive, open_run, status
 from evomerge.testing.tiny import TinySpec
 from evomerge.testing.workspace import make_search_workspace
+from evomerge.worker.evaluator import Evaluator
 
 PARTS = ("materialize", "check", "forward", "score outside forward", "estimate", "other")
 
@@ -50,7 +51,7 @@ def run_once(root: Path, n_workers: int, pop: int, generations: int) -> tuple[fl
     run_dir = root / "runs" / f"w{n_workers}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run, prepared = create_run(path, run_dir)
-    with workers.RayPool(prepared) as pool:
+    with ray_pool.RayPool(prepared, Evaluator) as pool:
         start = time.perf_counter()
         drive(run, prepared, pool)
         seconds = time.perf_counter() - start
@@ -59,7 +60,7 @@ def run_once(root: Path, n_workers: int, pop: int, generations: int) -> tuple[fl
         run, prepared = open_run(run_dir)
         drive(run, prepared, pool)  # finished: nothing left to evaluate
         resume = time.perf_counter() - resume_start
-    workers.ray.shutdown()
+    ray_pool.ray.shutdown()
     return seconds, state["evaluations"]["done"], {"front": state["front"], "resume_s": resume,
                                                      "split": time_split(run_dir)}
 

@@ -27,7 +27,8 @@ from scipy.special import expit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.fitness.irt import ItemParams, Prior, _standardize, fit_2pl, fit_ability
+from evomerge.fitness.irt import ItemParams, Prior, fit_ability
+from evomerge.fitness.irt_fit import _standardize, fit_2pl
 
 VENV_PY = ROOT / "bench" / "out" / "pyirt-venv" / "bin" / "python"
 

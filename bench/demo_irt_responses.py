@@ -19,8 +19,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from evomerge.demo.kit import build_demo_kit
-from evomerge.fitness.calibrate import reference_models, score_references, write_responses
 from evomerge.fitness.lmeval import Scorer
+from evomerge.fitness.self_calibration import reference_models, score_references, write_responses
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
 
 def time_anchors(scorer, paths: dict[str, str], probe: list, n_items: int) -> None:
     """Wall time of scoring n items per task vs all items, on the same models, materialization included."""
-    from evomerge.merge.ps import Materializer
+    from evomerge.worker.materializer import Materializer
 
     materializer = Materializer(paths, "base")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
+from evomerge.io.documents import read_yaml
+from evomerge.registry import Registry, UnknownNameError
 
 
 class ConfigError(EvomergeError):
@@ -51,8 +52,14 @@ class CalibrationConfig(_Strict):
 
 # ------------------------------------------------------------------------------------------------- the search
 
-ALGORITHMS = ("nsga2", "nsga3", "moead", "ga")
-COSTS = ("params", "path_length")
+def _registered(registry: Registry, name: str) -> str:
+    """`name` when the registry has it; else the registry's one-line error with did-you-mean. (Validators import
+    their registry when they run: the estimators' scipy costs 0.7 s, which `evomerge --help` need not pay.)"""
+    try:
+        registry[name]
+    except UnknownNameError as e:
+        raise ValueError(str(e)) from None
+    return name
 
 
 class SourcesConfig(_Strict):
@@ -67,6 +74,13 @@ class FitnessConfig(_Strict):
     task_paths: list[str] = Field([], description="more folders of lm-eval task YAMLs")
     estimator: str = Field("gpirt", description="anchor_mean, pirt, gpirt, mpirt or gmpirt")
     batch_size: int = Field(32, ge=1, description="lm-eval batch size")
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, v: str) -> str:
+        from evomerge.fitness.estimators import ESTIMATORS
+
+        return _registered(ESTIMATORS, v)
 
 
 class ObjectiveConfig(_Strict):
@@ -85,9 +99,16 @@ class ObjectiveConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
-    name: Literal["nsga2", "nsga3", "moead", "ga"] = Field("nsga2", description="pymoo algorithm")
+    name: str = Field("nsga2", description="pymoo algorithm: nsga2, nsga3, moead or ga")
     pop_size: int = Field(16, ge=2, description="candidates per generation")
     generations: int = Field(10, ge=1, description="generations to run (the budget)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        from evomerge.search.algorithms import ALGORITHMS
+
+        return _registered(ALGORITHMS, v)
 
 
 class WorkersConfig(_Strict):
@@ -136,13 +157,7 @@ class RunConfig(_Strict):
 
 def load_config(path: Path, model: type[_Strict]) -> Any:
     """Read a YAML config and validate it; every failure is one ConfigError line naming file and field."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    data = read_yaml(path, ConfigError, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     try:

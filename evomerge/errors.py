@@ -30,3 +30,11 @@ class SearchSpaceError(EvomergeError):
 class GenomeError(EvomergeError):
     """A genome is not valid for its search space (length, values outside [0, 1], NaN) or decodes to no
     usable recipe (an empty path, a path over max_layers). The driver records it as a failed evaluation."""
+
+
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception as one line, `Type: message` (whitespace folded, the message cut to `limit` characters)."""
+    msg = " ".join(str(e).split())
+    if limit is not None:
+        msg = msg[:limit]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -4,7 +4,7 @@ Each chosen candidate (by default the current Pareto front, as `evomerge status`
 from its ledger record: its recipe materialized with its own seed by a Materializer over the run's sources
 built as the evaluator builds it (same base, same dtype), so the checkpoint holds the weights that were
 scored. Parameter-space recipes are written with `mergekit_config.yml`; data-flow and hybrid recipes as
-standard checkpoints with their scales folded in, with `evomerge_recipe.yml` (see merge/run.py).
+standard checkpoints with their scales folded in, with `evomerge_recipe.yml` (see worker/checkpoint_writer.py).
 
 Every model is assembled under a hidden staging directory inside `--out`, verified there if asked, and
 renamed into `--out/<candidate id>` only when complete: an error or an interrupt leaves no partial model.
@@ -122,15 +122,15 @@ class _Writer:
     """Rebuilds ledger records from the run's sources (loaded once, as the evaluator loads them)."""
 
     def __init__(self, config: RunConfig, config_dir: Path, device: str) -> None:
-        from evomerge.search.sources import SourceModels
+        from evomerge.worker.sources import SourceModels
 
         self.sources = SourceModels(config, config_dir, device)
 
     def write(self, rec: Record, out: Path, *, max_shard_bytes: int, where: str) -> str:
         """Write the record's recipe, materialized with its seed, to `out`; returns the kind written."""
-        from evomerge.merge.dataflow import is_dataflow, parse_dataflow
+        from evomerge.merge.dataflow_recipe import is_dataflow, parse_dataflow
         from evomerge.merge.recipe import Recipe
-        from evomerge.merge.run import write_dataflow_checkpoint, write_ps_checkpoint
+        from evomerge.worker.checkpoint_writer import write_dataflow_checkpoint, write_ps_checkpoint
 
         seed = rec.seed if rec.seed is not None else 0
         src = self.sources
@@ -228,9 +228,9 @@ def export_run(
 
     Everything that can be checked is checked before any model is loaded; `out` must be new or empty unless
     `force`, which replaces only the directories of the candidates exported (other content is kept)."""
-    from evomerge.io import parse_size, prepare_output_dir
-    from evomerge.merge.run import check_device
+    from evomerge.io.save import parse_size, prepare_output_dir
     from evomerge.search.session import open_run
+    from evomerge.worker.checkpoint_writer import check_device
 
     run, prepared = open_run(Path(run_dir))
     records = select(run, prepared, ids)
@@ -257,9 +257,9 @@ def export_run(
 
 def _export_one(rec: Record, out: Path, sources: _Writer, verifier: _Verifier | None, run: RunDir,
                 prepared: Prepared, max_shard_bytes: int) -> Exported:
-    from evomerge.merge.run import MERGEKIT_FILE, RECIPE_FILE
     from evomerge.modelcard import model_card
     from evomerge.search.driver import objectives_of
+    from evomerge.worker.checkpoint_writer import MERGEKIT_FILE, RECIPE_FILE
 
     target = out / rec.key
     stage = Path(tempfile.mkdtemp(prefix=f".{rec.key}.export-", dir=out))

@@ -8,6 +8,8 @@ Gene semantics (the whole contract, tested in tests/test_genome.py):
 - a range gene maps x -> lo + x * (hi - lo) (weights, densities, merge-wide parameters, DFS scales);
 - the method is an argmax over one gene per candidate method (ties go to the first listed);
 - a DFS slot is kept when x > 0.5 (the paper's I_t > 0 after mapping [0, 1] onto [-1, 1]).
+Which gene sits where (and its name) is declared once, in evomerge.genes; merge methods and their
+parameters come from the torch-free catalogue evomerge.merge.specs.
 
 Spaces (`kind`):
 - ps: per layer group and module kind (attention / mlp / other, by tensor-name filters) one weight
@@ -33,38 +35,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import GenomeError, SearchSpaceError
-from evomerge.merge.path import LayerPool, apply_scales, decode_slots
+from evomerge.genes import RANGE_ROLES, DFSShape, Gene, GeneLayout, PSShape, gene_layout
+from evomerge.io.documents import read_yaml
+from evomerge.merge.layer_path import LayerPool, apply_scales, decode_slots
+from evomerge.merge.specs import DATAFLOW, METHODS, TENSOR, tensor_method_names
 from evomerge.registry import Registry, UnknownNameError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SLOT_THRESHOLD = 0.5  # slot kept when x > 0.5, i.e. I_t = 2x - 1 > 0
 INITIAL_ON, INITIAL_OFF = 0.75, 0.25  # slot genes of the seeded identity path: clearly on/off, not at the walls
-
-# What the decoder needs to know about each merge method, without importing torch (evomerge.merge.methods
-# does). tests/test_genome.py checks this table against the METHODS registry.
-#   name: (needs_base, min_models, max_models, {param: (per_model, is_bool, low, high)})
-_W = {"weight": (True, False, None, None)}
-_D = {"density": (True, False, 0.0, 1.0)}
-_COMMON = {"lambda": (False, False, None, None), "normalize": (False, True, None, None),
-           "int8_mask": (False, True, None, None)}
-_RESCALE = {"rescale": (False, True, None, None)}
-METHOD_TABLE: dict[str, tuple[bool, int, int | None, dict[str, tuple[bool, bool, float | None, float | None]]]] = {
-    "linear": (False, 1, None, {**_W, "normalize": (False, True, None, None)}),
-    "task_arithmetic": (True, 1, None, {**_W, **_COMMON}),
-    "ties": (True, 1, None, {**_W, **_D, **_COMMON, **_RESCALE}),
-    "dare_linear": (True, 1, None, {**_W, **_D, **_COMMON, **_RESCALE}),
-    "dare_ties": (True, 1, None, {**_W, **_D, **_COMMON, **_RESCALE}),
-    "breadcrumbs": (True, 1, None, {**_W, **_D, "gamma": (True, False, 0.0, 1.0), **_COMMON, **_RESCALE}),
-    "breadcrumbs_ties": (True, 1, None, {**_W, **_D, "gamma": (True, False, 0.0, 1.0), **_COMMON, **_RESCALE}),
-    "della": (True, 1, None, {**_W, **_D, "epsilon": (True, False, 0.0, 1.0), **_COMMON, **_RESCALE}),
-    "della_linear": (True, 1, None, {**_W, **_D, "epsilon": (True, False, 0.0, 1.0), **_COMMON, **_RESCALE}),
-    "slerp": (True, 1, 1, {"t": (False, False, None, None)}),
-    "model_stock": (True, 2, None, {"filter_wise": (False, True, None, None)}),
-}
 
 PRESETS: Registry[Path] = Registry("search-space preset")
 if PRESET_DIR.is_dir():
@@ -73,7 +55,7 @@ if PRESET_DIR.is_dir():
 
 
 def _reads(method: str, param: str) -> bool:
-    return param in METHOD_TABLE[method][3]
+    return METHODS[method].param(param) is not None
 
 
 # -- the schema ------------------------------------------------------------------------------------------
@@ -113,8 +95,10 @@ class PSGenes(_Frozen):
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
         for m in v:
-            if m not in METHOD_TABLE:
-                raise ValueError(f"unknown merge method {m!r}: valid names are {', '.join(sorted(METHOD_TABLE))}")
+            if m not in METHODS:
+                raise ValueError(f"unknown merge method {m!r}: valid names are {', '.join(tensor_method_names())}")
+            if METHODS[m].kind != TENSOR:
+                raise ValueError(f"{m!r} is not a parameter-space method: choose data flow with kind: dfs or hybrid")
         if len(set(v)) != len(v):
             raise ValueError("a method is listed twice")
         return v
@@ -147,11 +131,12 @@ class PSGenes(_Frozen):
                     raise ValueError(f"{where}.{name}: no listed method ({', '.join(self.methods)}) takes {name!r} "
                                      "as a merge-wide parameter: remove it")
         for name, rng in self.params.items():
-            spec = next(METHOD_TABLE[m][3][name] for m in self.methods if _reads(m, name))
-            if spec[1]:
+            param = next(METHODS[m].param(name) for m in self.methods if _reads(m, name))
+            assert param is not None
+            if param.is_bool:
                 raise ValueError(f"params.{name}: {name!r} is true/false: set it under 'fixed', not as a range gene")
             try:
-                _check_range(rng, spec[2], spec[3])
+                _check_range(rng, param.low, param.high)
             except ValueError as e:
                 raise ValueError(f"params.{name}: {e}") from None
         for name in set(self.params) & set(self.fixed):
@@ -234,7 +219,8 @@ class SearchSpace(_Frozen):
         if self.ps is not None:
             n = len(self.sources)
             for m in self.ps.methods:
-                needs_base, lo, hi, _ = METHOD_TABLE[m]
+                spec = METHODS[m]
+                needs_base, lo, hi = spec.needs_base, spec.min_models, spec.max_models
                 if needs_base and not self.base_model:
                     raise ValueError(f"base_model: method {m} needs a base model: set base_model")
                 if n < lo or (hi is not None and n > hi):
@@ -261,25 +247,34 @@ class SearchSpace(_Frozen):
             raise SearchSpaceError(_format_validation(e, where)) from None
 
     # -- the genome ------------------------------------------------------------------------------------
+    def layout(self, layer_counts: Mapping[str, int] | None = None) -> GeneLayout:
+        """What each gene means, in genome order (evomerge.genes); built once per space and layer counts."""
+        ps = dfs = None
+        if self.ps is not None:
+            p = self.ps
+            ps = PSShape(methods=tuple(p.methods), ranges=tuple(r for r in RANGE_ROLES if p.uses(r)),
+                         groups=p.layer_groups, kinds=tuple(p.kinds), sources=tuple(self.sources),
+                         params=tuple(p.params))
+        if self.dfs is not None:
+            dfs = DFSShape(pool=tuple(self._pool_counts(layer_counts).items()), repeats=self.dfs.repeats,
+                           scales=self.dfs.scales.form)
+        return gene_layout(ps, dfs)
+
     def names(self, layer_counts: Mapping[str, int] | None = None) -> list[str]:
         """One readable name per gene, in genome order (for the ledger and logs)."""
-        return [n for block in self._blocks(layer_counts) for n in block[1]]
+        return self.layout(layer_counts).names()
 
     def dim(self, layer_counts: Mapping[str, int] | None = None) -> int:
-        return len(self.names(layer_counts))
+        return len(self.layout(layer_counts))
 
     def decode(self, x: Sequence[float] | np.ndarray, layer_counts: Mapping[str, int] | None = None) -> dict[str, Any]:
         """The recipe (a YAML-ready dict) of genome x. Raises GenomeError for an invalid genome."""
-        blocks = self._blocks(layer_counts)
-        x = _check_genome(x, sum(len(b[1]) for b in blocks))
-        parts, at = {}, 0
-        for key, names in blocks:
-            parts[key] = x[at:at + len(names)]
-            at += len(names)
-        ps = self._decode_ps(parts["ps"], layer_counts) if self.ps is not None else None
+        layout = self.layout(layer_counts)
+        x = _check_genome(x, len(layout))
+        ps = self._decode_ps(x, layout, layer_counts) if self.ps is not None else None
         if self.kind == "ps":
             return ps
-        return self._decode_dfs(parts["dfs"], layer_counts, ps)
+        return self._decode_dfs(x, layout, layer_counts, ps)
 
     def initial(self, layer_counts: Mapping[str, int] | None = None) -> np.ndarray:
         """Genomes of uniform recipes for the initial population, shape (k, dim).
@@ -288,34 +283,15 @@ class SearchSpace(_Frozen):
         where the preset ranges are centred), then each source alone (weight at the top, the others at the
         bottom) with the first method that reads weights. dfs: model A's own layers in order with scales 1.
         hybrid: each ps seed with the identity path of model A and with the identity path of the merge."""
-        seeds_ps = self._initial_ps() if self.ps is not None else [[]]
-        if self.kind == "ps":
-            return np.array(seeds_ps, dtype=float)
-        counts = self._pool_counts(layer_counts)
-        firsts = [next(iter(self.sources))] + ([self.merge_name] if self.kind == "hybrid" else [])
-        seeds = [p + self._identity_dfs(counts, a) for p in seeds_ps for a in firsts]
+        layout = self.layout(layer_counts)
+        seeds = self._ps_seeds(layout) if self.ps is not None else [np.full(len(layout), 0.5)]
+        if self.dfs is not None:
+            counts = self._pool_counts(layer_counts)
+            firsts = [next(iter(self.sources))] + ([self.merge_name] if self.kind == "hybrid" else [])
+            seeds = [self._with_identity_path(x, layout, first, counts[first]) for x in seeds for first in firsts]
         return np.array(seeds, dtype=float)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _blocks(self, layer_counts: Mapping[str, int] | None) -> list[tuple[str, list[str]]]:
-        blocks = []
-        if self.ps is not None:
-            blocks.append(("ps", self._ps_names()))
-        if self.dfs is not None:
-            blocks.append(("dfs", self._dfs_names(self._pool_counts(layer_counts))))
-        return blocks
-
-    def _ps_names(self) -> list[str]:
-        ps = self.ps
-        assert ps is not None
-        names = [f"method={m}" for m in ps.methods] if len(ps.methods) > 1 else []
-        for param in ("weight", "density"):
-            if ps.uses(param):
-                names += [f"{param}/{src}/g{g}/{kind}" for g in range(ps.layer_groups) for kind in ps.kinds
-                          for src in self.sources]
-        names += [f"param/{name}" for name in ps.params]
-        return names
-
     def _ps_layers(self, layer_counts: Mapping[str, int] | None) -> int | None:
         """L, the layer count of the ps sources, when step groups need it."""
         ps = self.ps
@@ -335,41 +311,38 @@ class SearchSpace(_Frozen):
             raise SearchSpaceError(f"layer_groups {ps.layer_groups} is more than the {n} layers: lower it")
         return n
 
-    def _decode_ps(self, x: np.ndarray, layer_counts: Mapping[str, int] | None) -> dict[str, Any]:
+    def _decode_ps(self, x: np.ndarray, layout: GeneLayout, layer_counts: Mapping[str, int] | None) -> dict[str, Any]:
         ps = self.ps
         assert ps is not None
         n_layers = self._ps_layers(layer_counts)
-        k = len(ps.methods)
-        method = ps.methods[int(np.argmax(x[:k]))] if k > 1 else ps.methods[0]  # argmax: first of ties
-        at = k if k > 1 else 0
-        G, kinds, S = ps.layer_groups, ps.kinds, len(self.sources)
+        votes = layout.positions("method")
+        # argmax over the method genes: the first of ties
+        method = layout.genes[votes[int(np.argmax(x[votes]))]].method if votes else ps.methods[0]
+        assert method is not None
+        spec = METHODS[method]
         per_model: dict[str, dict[str, Any]] = {name: {} for name in self.sources}
         for param, (lo, hi) in (("weight", ps.weight), ("density", ps.density)):
-            if not ps.uses(param):
-                continue
-            block = x[at:at + G * len(kinds) * S].reshape(G, len(kinds), S)  # (G, kinds, sources)
-            at += block.size
-            if not _reads(method, param):
-                continue  # genes of a method not chosen this time: present, ignored
-            values = lo + block * (hi - lo)
-            for j, src in enumerate(self.sources):
-                per_kind = [_group_value(values[:, i, j], n_layers) for i in range(len(kinds))]
+            if spec.param(param) is None:
+                continue  # genes of a method not chosen this time (if any): present, ignored
+            for src in self.sources:
+                per_kind = []
+                for kind in ps.kinds:
+                    genes = [layout.index(Gene(param, source=src, group=g, kind=kind)) for g in range(ps.layer_groups)]
+                    per_kind.append(_group_value(lo + x[genes] * (hi - lo), n_layers))
                 if all(v == per_kind[0] for v in per_kind):  # one value for every kind: no filters needed
-                    per_model[src][param] = per_kind[0]
                     per_model[src][param] = per_kind[0]
                 else:
                     per_model[src][param] = [{"filter": ps.module_filters[kind], "value": v}
-                                             for kind, v in zip(kinds[:-1], per_kind[:-1])] + [{"value": per_kind[-1]}]
+                                             for kind, v in zip(ps.kinds[:-1], per_kind[:-1])] + [{"value": per_kind[-1]}]
         top: dict[str, Any] = {}
         for name, (lo, hi) in ps.params.items():
-            if _reads(method, name):
-                top[name] = float(lo + x[at] * (hi - lo))
-            at += 1
+            if spec.param(name) is not None:
+                top[name] = float(lo + x[layout.index(Gene("param", param=name))] * (hi - lo))
         for name, value in ps.fixed.items():
-            if _reads(method, name):
+            if spec.param(name) is not None:
                 top[name] = value
         doc: dict[str, Any] = {"merge_method": method}
-        if METHOD_TABLE[method][0]:
+        if spec.needs_base:
             doc["base_model"] = self.base_model
         doc["models"] = [{"model": path, **({"parameters": per_model[name]} if per_model[name] else {})}
                          for name, path in self.sources.items()]
@@ -377,24 +350,24 @@ class SearchSpace(_Frozen):
             doc["parameters"] = top
         return doc
 
-    def _initial_ps(self) -> list[list[float]]:
+    def _ps_seeds(self, layout: GeneLayout) -> list[np.ndarray]:
+        """Every method with mid-range genes, then each source alone (genes outside the ps block: 0.5)."""
         ps = self.ps
         assert ps is not None
-        names = self._ps_names()
-        k = len(ps.methods) if len(ps.methods) > 1 else 0
+        votes = layout.positions("method")
         seeds = []
-        for m in range(max(k, 1)):
-            x = [0.5] * len(names)
-            for i in range(k):
-                x[i] = 1.0 if i == m else 0.0
+        for m in ps.methods if votes else ps.methods[:1]:
+            x = np.full(len(layout), 0.5)
+            for i in votes:
+                x[i] = 1.0 if layout.genes[i].method == m else 0.0
             seeds.append(x)
-        if ps.uses("weight") and len(self.sources) > 1:
+        weights = layout.positions("weight")
+        if weights and len(self.sources) > 1:
             first = next(i for i, m in enumerate(ps.methods) if _reads(m, "weight"))  # a method that reads weights
             for src in self.sources:
-                x = list(seeds[first])
-                for i, name in enumerate(names):
-                    if name.startswith("weight/"):
-                        x[i] = 1.0 if name.split("/")[1] == src else 0.0
+                x = seeds[first].copy()
+                for i in weights:
+                    x[i] = 1.0 if layout.genes[i].source == src else 0.0
                 seeds.append(x)
         return seeds
 
@@ -415,59 +388,64 @@ class SearchSpace(_Frozen):
             counts[self.merge_name] = next(iter(counts.values()))
         return counts
 
-    def _dfs_names(self, counts: dict[str, int]) -> list[str]:
-        dfs = self.dfs
-        assert dfs is not None
-        refs = LayerPool(counts).refs
-        names = [f"slot{r * len(refs) + i}/{ref.source}.{ref.layer}/r{r}"
-                 for r in range(dfs.repeats) for i, ref in enumerate(refs)]
-        if dfs.scales.form == "per_layer":
-            names += [f"scale/{ref.source}.{ref.layer}" for ref in refs]
-        elif dfs.scales.form == "matrix":
-            names += [f"scale/{a.source}.{a.layer}>{b.source}.{b.layer}" for a in refs for b in refs]
-        return names
-
-    def _decode_dfs(self, x: np.ndarray, layer_counts: Mapping[str, int] | None,
+    def _decode_dfs(self, x: np.ndarray, layout: GeneLayout, layer_counts: Mapping[str, int] | None,
                     ps: dict[str, Any] | None) -> dict[str, Any]:
         dfs = self.dfs
         assert dfs is not None
-        counts = self._pool_counts(layer_counts)
-        pool = LayerPool(counts)
-        m = len(pool)
-        t = m * dfs.repeats
-        on = [bool(v > SLOT_THRESHOLD) for v in x[:t]]
+        pool = LayerPool(self._pool_counts(layer_counts))
+        slots = layout.positions("slot")
+        on = [False] * len(slots)
+        for i in slots:
+            on[layout.genes[i].slot] = bool(x[i] > SLOT_THRESHOLD)
         layers = decode_slots(pool, on, repeats=dfs.repeats, pin_ends=dfs.pin_ends)
         if not layers:
             raise GenomeError("the genome keeps no layer (every slot is off): the path is empty")
         if dfs.max_layers is not None and len(layers) > dfs.max_layers:
             raise GenomeError(f"the path has {len(layers)} layers, over max_layers {dfs.max_layers}")
-        lo, hi = dfs.scales.range
-        values: Any = [float(lo + v * (hi - lo)) for v in x[t:]]
-        if dfs.scales.form == "matrix":
-            values = [values[i * m:(i + 1) * m] for i in range(m)]
-        steps = apply_scales(pool, layers, dfs.scales.form, values)
+        steps = apply_scales(pool, layers, dfs.scales.form, self._scale_values(x, layout, pool))
         sources: list[dict[str, Any]] = [{"name": name, "model": path} for name, path in self.sources.items()]
         if ps is not None:
             sources.append({"name": self.merge_name, "merge": ps})
-        doc: dict[str, Any] = {"merge_method": "dataflow", "sources": sources,
+        doc: dict[str, Any] = {"merge_method": DATAFLOW, "sources": sources,
                                "path": [[s.source, s.layer] + ([s.scale] if s.scale != 1.0 else []) for s in steps]}
         if dfs.max_layers is not None:
             doc["max_layers"] = dfs.max_layers
         return doc
 
-    def _identity_dfs(self, counts: dict[str, int], first: str) -> list[float]:
-        """DFS genes of `first`'s own layers in order (first repeat), every scale 1 (or the nearest in range)."""
+    def _scale_values(self, x: np.ndarray, layout: GeneLayout, pool: LayerPool) -> list:
+        """The scale genes mapped onto their range, as apply_scales reads them: per_layer values[to],
+        matrix values[from][to] (pool indices); none: []."""
         dfs = self.dfs
         assert dfs is not None
-        pool = LayerPool(counts)
-        n = counts[first]
-        keep = range(1, n - 1) if dfs.pin_ends else range(n)  # pinned: model A's first and last layers frame it
-        slots = [INITIAL_ON if (ref.source == first and ref.layer in keep) else INITIAL_OFF for ref in pool.refs]
-        slots += [INITIAL_OFF] * (len(pool) * (dfs.repeats - 1))
+        lo, hi = dfs.scales.range
+        at, to, origin = layout.scale_cells()
+        m = len(pool)
+        if dfs.scales.form == "per_layer":
+            values = np.zeros(m)
+            values[to] = lo + x[at] * (hi - lo)
+        elif dfs.scales.form == "matrix":
+            values = np.zeros((m, m))
+            values[origin, to] = lo + x[at] * (hi - lo)
+        else:
+            return []
+        return values.tolist()
+
+    def _with_identity_path(self, x: np.ndarray, layout: GeneLayout, first: str, n_layers: int) -> np.ndarray:
+        """x with DFS genes of `first`'s own layers in order (first repeat), every scale 1 (or the nearest in range)."""
+        dfs = self.dfs
+        assert dfs is not None
+        keep = range(1, n_layers - 1) if dfs.pin_ends else range(n_layers)  # pinned: model A's first and last frame it
+        x = x.copy()
+        for i in layout.positions("slot"):
+            gene = layout.genes[i]
+            assert gene.layer is not None
+            on = gene.repeat == 0 and gene.layer.source == first and gene.layer.layer in keep
+            x[i] = INITIAL_ON if on else INITIAL_OFF
         lo, hi = dfs.scales.range
         one = min(max((1.0 - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 0.0
-        n_scales = {"none": 0, "per_layer": len(pool), "matrix": len(pool) ** 2}[dfs.scales.form]
-        return slots + [one] * n_scales
+        for i in layout.positions("scale"):
+            x[i] = one
+        return x
 
 
 def _group_value(values: np.ndarray, n_layers: int | None) -> float | list[float]:
@@ -513,10 +491,7 @@ def _resolve_doc(spec: str | Path | Mapping[str, Any], where: str) -> dict[str, 
             path = PRESETS[text]
         except UnknownNameError as e:
             raise SearchSpaceError(f"{where}: {e}") from None
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SearchSpaceError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path, SearchSpaceError, "search-space file")
     if not isinstance(doc, dict):
         raise SearchSpaceError(f"{path}: expected a mapping with 'kind' and its sections")
     if "preset" in doc:
@@ -545,5 +520,5 @@ def load_space(spec: str | Path | Mapping[str, Any], **kw: Any) -> SearchSpace:
     return SearchSpace.load(spec, **kw)
 
 
-__all__ = ["METHOD_TABLE", "PRESETS", "DFSGenes", "GenomeError", "PSGenes", "ScaleGenes", "SearchSpace",
+__all__ = ["PRESETS", "DFSGenes", "GenomeError", "PSGenes", "ScaleGenes", "SearchSpace",
            "SearchSpaceError", "load_space"]

@@ -10,9 +10,9 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.config import CalibrationConfig, ConfigError, load_config
-from evomerge.fitness.calibrate import reference_models
 from evomerge.fitness.calibration import Calibration
 from evomerge.fitness.responses import read_responses
+from evomerge.fitness.self_calibration import reference_models
 from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
 

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evomerge.errors import CheckpointError, IncompatibleModelsError
-from evomerge.io import Checkpoint, check_compatible, save_checkpoint
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.io.compat import check_compatible
+from evomerge.io.save import save_checkpoint
 from evomerge.testing.tiny import TinySpec, make_family
 
 

@@ -54,8 +54,8 @@ def test_merge_writes_a_checkpoint_transformers_loads(llama, tmp_path):
     merged = tmp_path / "merged"
     assert (merged / "model.safetensors.index.json").is_file() and (merged / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(merged)
-    from evomerge.merge.ps import Materializer
     from evomerge.merge.recipe import Recipe
+    from evomerge.worker.materializer import Materializer
 
     recipe_obj = Recipe.from_mergekit(yaml.safe_load(recipe.read_text()))
     names = {str(p): p for p in [llama.base, *llama.sources[:2]]}
@@ -182,3 +182,32 @@ def test_models_are_found_in_the_local_hugging_face_cache_offline(llama, tmp_pat
     out = subprocess.run([*EVOMERGE, "merge", str(missing), "--out", str(tmp_path / "o2")], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache}, timeout=300)
     assert out.returncode == 2 and "'tiny-org/absent' not found" in out.stderr and "never downloads" in out.stderr
+
+
+@pytest.mark.slow
+def test_status_only_reads_unless_asked_to_plot(tmp_path, capsys):
+    """A search that ends writes RUN_DIR/front.png; `status` writes nothing, `status --plot [PATH]` the plot."""
+    import json
+
+    from evomerge.cli import main
+    from evomerge.testing.workspace import make_search_workspace
+
+    root = make_search_workspace(tmp_path)
+    run_dir = root / "runs" / "r"
+    assert main(["search", str(root / "run.yaml"), "--run-dir", str(run_dir), "--in-process"]) == 0
+    png = run_dir / "front.png"
+    assert png.stat().st_size > 1000 and "front plot: " in capsys.readouterr().out
+    png.unlink()
+
+    def status(*extra) -> dict:
+        assert main(["status", str(run_dir), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert status()["plot"] is None and not png.exists()
+    assert main(["status", str(run_dir)]) == 0 and "front plot" not in capsys.readouterr().out
+    assert not png.exists()
+    assert status("--plot")["plot"] == str(png) and png.stat().st_size > 1000
+    elsewhere = tmp_path / "plots" / "f.png"
+    elsewhere.parent.mkdir()
+    assert status("--plot", str(elsewhere))["plot"] == str(elsewhere) and elsewhere.stat().st_size > 1000
+

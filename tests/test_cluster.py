@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.search import workers  # before Ray itself: it sets Ray's auth mode at import
+from evomerge.search import pool as ray_pool  # before Ray itself: it sets Ray's auth mode at import
 from evomerge.testing.workspace import make_search_workspace
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -83,7 +83,7 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="evr", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     saved = dict(os.environ)
     os.environ.update({"RAY_TMPDIR": str(root), "RAY_USAGE_STATS_ENABLED": "0"})  # nothing in /tmp/ray
-    workers._loopback_only()  # every node (and the job's driver) on 127.0.0.1, even a second one
+    ray_pool._loopback_only()  # every node (and the job's driver) on 127.0.0.1, even a second one
     c = None
     try:
         c = LoopbackCluster(root)
@@ -236,7 +236,7 @@ def test_the_cluster_launcher_config_passes_rays_own_validation():
 
 
 def test_the_rayjob_runs_commands_that_evomerge_accepts():
-    from evomerge.cli import _parser
+    from evomerge.cli.parser import build_parser as _parser
 
     job, *claims = yaml.safe_load_all((DOCKER / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")

@@ -57,6 +57,9 @@ BAD = {
     "costs only": (_with(objectives=[{"cost": "params"}]), "at least one objective must be a task"),
     "objective twice": (_with(objectives=[{"task": "demo_add"}, {"task": "demo_add"}]), "listed twice"),
     "unknown algorithm": (_with(algorithm__name="cmaes"), "field 'algorithm.name'"),
+    "algorithm typo": (_with(algorithm__name="nsga22"), "did you mean 'nsga2'"),
+    "estimator typo": (_with(fitness__estimator="gpirtt"), "field 'fitness.estimator': unknown estimator 'gpirtt': "
+                       "did you mean 'gpirt'"),
     "ga with two objectives": (_with(algorithm__name="ga"), "ga optimizes one objective"),
     "moead with a constraint": (_with(algorithm__name="moead", max_path_length=8), "moead does not take constraints"),
     "population of one": (_with(algorithm__pop_size=1), "field 'algorithm.pop_size'"),

@@ -110,6 +110,16 @@ def test_write_tasks_cli(tmp_path):
         assert (tmp_path / rel).read_text() == text
 
 
+def test_write_tasks_cli_as_a_module_and_its_usage_error(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "evomerge.demo.data", "--write", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and (tmp_path / "demo_add.yaml").is_file()
+    assert data.main([]) == 2 and "--write DIR" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 

@@ -57,7 +57,8 @@ def demo_workspace(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_stages_end_to_end(demo_workspace):
     from evomerge.export import export_run
-    from evomerge.search.session import LocalPool, drive, status
+    from evomerge.search.session import drive, status
+    from evomerge.worker.local_pool import LocalPool
 
     root, kit = demo_workspace
     log: list[str] = []
@@ -96,6 +97,49 @@ def test_demo_stages_end_to_end(demo_workspace):
     # what a finished demo prints from: the table kept for this front, and none for another front
     assert demo.cached_table(run.path, front) == rows
     assert demo.cached_table(run.path, front[1:] + [{"id": "g9999-0000-x"}]) is None
+
+
+@pytest.mark.slow
+def test_run_demo_runs_the_stages_not_done_yet(demo_workspace):
+    """The sequence `evomerge demo` runs: everything the first time (one pool, a plot of the front), then, once
+    finished, only reads back: no pool, nothing scored, the same table."""
+    from contextlib import nullcontext
+
+    from evomerge.demo.pipeline import DemoInputs, DemoUI, run_demo
+    from evomerge.worker.local_pool import LocalPool
+
+    root, kit = demo_workspace
+    inputs = DemoInputs(cache_dir=root / "cache", kit=TINY, run_config=root / "demo.yaml",
+                        calibrate_config=root / "calibrate.yaml", tasks_dir=kit.tasks_dir)
+
+    class Recorder(DemoUI):
+        def __init__(self):
+            self.lines, self.waits, self.generations = [], [], []
+
+        def log(self, message):
+            self.lines.append(message)
+
+        def waiting(self, message):
+            self.waits.append(message)
+            return nullcontext()
+
+        def searching(self, generations, pop_size):
+            return nullcontext((self.generations.append, lambda record: None))
+
+    pools = []
+    ui = Recorder()
+    result = run_demo(root / "pipeline", lambda prepared: pools.append(LocalPool(prepared)) or pools[-1], ui, inputs)
+    assert len(pools) == 1 and len(ui.generations) == 2 and len(ui.waits) == 2
+    assert (result.run_dir / "front.png").is_file() and (result.run_dir / demo.HAND_FILE).is_file()
+    kinds = [r.kind for r in result.rows]
+    assert kinds[:4] == ["specialist"] * 2 + ["hand"] * 2 and set(kinds[4:]) == {"front"}
+    assert all((result.front_dir / r.name).is_dir() for r in result.rows if r.kind == "front")
+    assert result.summary == demo.summary(result.rows)
+
+    again = Recorder()
+    assert run_demo(root / "pipeline", lambda prepared: pytest.fail("a finished demo starts no pool"), again,
+                    inputs) == result
+    assert "search and hand recipes: finished, read from the run directory" in again.lines and again.waits == []
 
 
 @pytest.mark.parametrize("name", ["demo-calibrate.yaml", "demo.yaml", "demo-dfs.yaml"])

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.errors import IncompatibleModelsError, RecipeError
-from evomerge.io import Checkpoint
-from evomerge.merge.dataflow import parse_dataflow
-from evomerge.merge.dfs import build_routed_model, layers_of, load_models
-from evomerge.merge.fold import export_path
-from evomerge.merge.path import LayerPool, LayerRef, PathStep, apply_scales, cumulative_scales, decode_slots
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.merge.dataflow_recipe import parse_dataflow
+from evomerge.merge.layer_path import LayerPool, LayerRef, PathStep, apply_scales, cumulative_scales, decode_slots
 from evomerge.testing.tiny import TinySpec, make_family, save_model
+from evomerge.worker.folded_export import export_path
+from evomerge.worker.routed import build_routed_model, layers_of, load_models
 
 # Tiny random models have residual streams of size ~0.02, where a norm's eps is not negligible (a stream
 # scaled by c sees eps/c^2); real models' streams are O(1). A tiny eps keeps the folding test about the
@@ -258,8 +258,8 @@ def _write(tmp_path, doc, name="recipe.yml"):
 @pytest.mark.slow
 def test_cli_merges_a_hybrid_recipe(llama_pool, tmp_path):
     """A TIES merge joins the pool; the exported model equals the routed model built in memory."""
-    from evomerge.merge.dataflow import parse_sources
-    from evomerge.merge.dfs import load_pool
+    from evomerge.merge.dataflow_recipe import parse_sources
+    from evomerge.worker.routed import load_pool
 
     family, _ = llama_pool
     a, b = map(str, family.sources)

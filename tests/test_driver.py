@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from evomerge.config import RunConfig
-from evomerge.search.driver import ALGORITHMS, initial_population, new_algorithm
+from evomerge.search.algorithms import ALGORITHMS
+from evomerge.search.driver import initial_population, new_algorithm
 
 
 def _config(name: str, objectives: int) -> RunConfig:

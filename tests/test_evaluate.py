@@ -1,4 +1,4 @@
-"""search/evaluate.py: one worker's Evaluator on real tiny models, real lm-eval tasks and a real calibration."""
+"""worker/evaluator.py: one worker's Evaluator on real tiny models, real lm-eval tasks and a real calibration."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import yaml
 from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.genome import SearchSpace
-from evomerge.search.evaluate import Candidate, EvalResult, Evaluator, all_finite
+from evomerge.search.candidates import Candidate, EvalResult
 from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
+from evomerge.worker.evaluator import Evaluator, all_finite
 
 TASKS = {"e_add": 30, "e_pairs": 24}
 N_ANCHORS = 6
@@ -42,7 +43,8 @@ def setup(tmp_path_factory):
 def evaluator(setup):
     root, config = setup
     counts = {"materializer": 0, "load_models": 0}
-    from evomerge.merge import dfs, ps
+    from evomerge.worker import materializer as ps
+    from evomerge.worker import routed as dfs
 
     real_mat, real_load = ps.Materializer, dfs.load_models
 
@@ -57,7 +59,7 @@ def evaluator(setup):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ps, "Materializer", Counting)
-        mp.setattr("evomerge.merge.dfs.load_models", load_models)
+        mp.setattr("evomerge.worker.routed.load_models", load_models)
         ev = Evaluator(config, root, worker="w0", node="n0")
         ev.counts = counts
         yield ev
@@ -201,9 +203,11 @@ def test_keyboard_interrupt_propagates(evaluator, monkeypatch):
 
 
 @pytest.mark.slow
-def test_genome_only_candidate_is_decoded_by_the_worker(evaluator):
+def test_a_genome_only_candidate_fails_since_only_the_driver_decodes(evaluator):
     cand = _candidate("ps_task_arithmetic", evaluator, "g")
-    assert _same(evaluator.evaluate(dataclasses.replace(cand, recipe={})), evaluator.evaluate(cand))
+    result = evaluator.evaluate(dataclasses.replace(cand, recipe={}))
+    assert result.status == "failed" and "has no recipe" in result.error and "\n" not in result.error
+    assert evaluator.evaluate(cand).status == "ok"
 
 
 @pytest.mark.slow

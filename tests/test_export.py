@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from evomerge.cli import main
 from evomerge.search.ledger import Record, candidate_key
 from evomerge.search.rundir import RunDir
-from evomerge.search.session import LocalPool, create_run, drive, status
+from evomerge.search.session import create_run, drive, status
 from evomerge.testing.workspace import make_search_workspace
+from evomerge.worker.local_pool import LocalPool
 
 SPACES = {"dfs_paths": {"preset": "dfs_paths"}, "hybrid": {"preset": "hybrid"}}
 

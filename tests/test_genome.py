@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from evomerge.errors import GenomeError, RecipeError, SearchSpaceError
-from evomerge.genome import METHOD_TABLE, PRESETS, SearchSpace
-from evomerge.merge.dataflow import parse_dataflow
-from evomerge.merge.methods import METHODS
+from evomerge.genes import Gene
+from evomerge.genome import PRESETS, SearchSpace
+from evomerge.merge.dataflow_recipe import parse_dataflow
 from evomerge.merge.recipe import Recipe, layer_position
 
 SOURCES = {"math": "./m/math", "code": "./m/code"}
@@ -105,17 +105,28 @@ def test_validation_errors_name_the_field():
         SearchSpace.load("ps_ties_dare", sources=SOURCES)
 
 
-def test_method_table_matches_the_registry():
-    assert set(METHOD_TABLE) == set(METHODS.names())
-    for name, (needs_base, lo, hi, params) in METHOD_TABLE.items():
-        spec = METHODS[name]
-        assert (needs_base, lo, hi) == (spec.needs_base, spec.min_models, spec.max_models), name
-        assert params == {p.name: (p.per_model, p.is_bool, p.low, p.high) for p in spec.params}, name
+def test_ps_methods_lists_parameter_space_methods_only():
+    # the method catalogue (evomerge.merge.specs) holds dataflow too; a data-flow search is chosen by kind
+    with pytest.raises(SearchSpaceError, match=r"ps\.methods: 'dataflow' is not a parameter-space method.*kind: dfs"):
+        load({"preset": "ps_ties_dare", "ps": {"methods": ["ties", "dataflow"]}})
 
 
 def test_importing_the_genome_does_not_import_torch():
-    code = "import sys, evomerge.genome; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = ("import sys, evomerge.genome, evomerge.genes, evomerge.merge.recipe, evomerge.merge.specs; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_layout_names_decodes_and_seeds_from_the_same_genes():
+    space = load("hybrid")
+    layout = space.layout(COUNTS)
+    assert layout.names() == space.names(COUNTS) and len(layout) == space.dim(COUNTS)
+    assert space.layout(COUNTS) is layout  # built once per space and layer counts
+    at = layout.index(Gene("weight", source="code", group=1, kind="all"))
+    assert layout.genes[at].name == "weight/code/g1/all" and at < layout.block("ps").stop
+    x = space.initial(COUNTS)[0]
+    x[at] = 0.0  # the gene found by its fields is the one the decoder reads
+    assert space.decode(x, COUNTS)["sources"][-1]["merge"]["models"][1]["parameters"]["weight"] == [0.5] * 2 + [0.0] * 2
 
 
 # -- parameter space -------------------------------------------------------------------------------------
@@ -265,7 +276,7 @@ def test_hybrid_merge_joins_the_pool():
     recipe = parse(space, space.decode(seeds[1], COUNTS))
     assert recipe.sources[-1].name == "ps_merge" and recipe.sources[-1].merge.method == "ties"
     names = space.names(COUNTS)
-    assert names.index("slot0/math.0/r0") == len(space._ps_names())  # ps genes first, then dfs
+    assert names.index("slot0/math.0/r0") == space.layout(COUNTS).block("ps").stop  # ps genes first, then dfs
     assert "slot8/ps_merge.0/r0" in names
 
 

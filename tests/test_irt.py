@@ -10,9 +10,11 @@ from scipy.special import expit
 
 from evomerge.errors import FitnessError
 from evomerge.fitness.anchors import ANCHOR_METHODS, select_anchors
-from evomerge.fitness.calibration import VERSION, Calibration, fit_calibration
+from evomerge.fitness.calibration import VERSION, Calibration
+from evomerge.fitness.calibration_fit import fit_calibration
 from evomerge.fitness.estimators import ESTIMATORS, estimate, estimate_details
-from evomerge.fitness.irt import ItemParams, Prior, fit_2pl, fit_ability
+from evomerge.fitness.irt import ItemParams, Prior, fit_ability
+from evomerge.fitness.irt_fit import fit_2pl
 from evomerge.fitness.responses import Responses, read_responses
 from evomerge.registry import UnknownNameError
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from evomerge.errors import RecipeError
-from evomerge.io import Checkpoint
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.merge.methods import merge_tensors
-from evomerge.merge.ps import Materializer
 from evomerge.merge.recipe import Recipe, layer_position
+from evomerge.worker.materializer import Materializer
 
 
 def _sources(fam):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from evomerge.merge.methods import METHODS, Workspace, merge_tensors
+from evomerge.merge.methods import IMPLEMENTATIONS, Workspace, merge_tensors, tensor_function
 from evomerge.merge.sparsify import (
     KEEP_EVERY,
     SortedMagnitudes,
@@ -17,6 +18,7 @@ from evomerge.merge.sparsify import (
     keep_threshold,
     rank_range,
 )
+from evomerge.merge.specs import METHODS, TENSOR
 
 B = torch.tensor([1.0, 1.0, 1.0, 1.0])
 X = B + torch.tensor([1.0, -2.0, 3.0, 0.0])
@@ -141,15 +143,14 @@ def test_fused_kernel_equals_the_eager_kernel(method, params):
     deltas = [torch.randn(96, 40, generator=gen) * 0.1 for _ in range(3)]
     deltas[1][:10, :10] = 0.05  # tied magnitudes across a cut
     spec = METHODS[method]
-    kw = {("lam" if k == "lambda" else k): v for k, v in params.items()}
-    kw["weight"] = [0.5, -0.2, 0.9]
+    kw = spec.arguments({**params, "weight": [0.5, -0.2, 0.9]})
     if spec.uses_magnitude:
         kw["magnitudes"] = [SortedMagnitudes(d) for d in deltas]
     results = []
     for fused in (False, True):
         if spec.random:
             kw["seed"] = 9
-        results.append(spec.fn(base, list(deltas), ws=Workspace(fused=fused), **kw))
+        results.append(tensor_function(method)(base, list(deltas), ws=Workspace(fused=fused), **kw))
     assert torch.allclose(results[0], results[1], atol=1e-6, rtol=1e-6)
 
 
@@ -207,6 +208,41 @@ def test_della_refuses_probabilities_outside_zero_one():
 def test_registry_suggests_the_nearest_name():
     with pytest.raises(KeyError, match="did you mean 'ties'"):
         METHODS["tie"]
+    with pytest.raises(KeyError, match="did you mean 'ties'"):
+        tensor_function("tie")
+
+
+# what a tensor function may take besides the spec's parameters, and the spec flag that makes callers pass it
+RUNTIME_ARGS = {"out": None, "ws": None, "seed": "random", "magnitudes": "uses_magnitude", "ranks": "uses_ranks",
+                "l1": "rescale"}
+
+
+def test_every_tensor_method_has_one_function_taking_exactly_its_spec_parameters():
+    """The catalogue (specs.py) is the single source of methods and parameters: each tensor-kind spec has a
+    function, each function a spec, and a function's keywords are the spec's parameters (all required, so a
+    default stated twice cannot drift) plus the runtime arguments its spec flags announce."""
+    tensor = {n for n in METHODS.names() if METHODS[n].kind == TENSOR}
+    assert set(IMPLEMENTATIONS) == tensor and "dataflow" in METHODS.names() and "dataflow" not in tensor
+    for name in tensor:
+        spec, sig = METHODS[name], inspect.signature(IMPLEMENTATIONS[name])
+        keywords = {k: p for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        params = {p.arg for p in spec.params}
+        assert {k for k in keywords if k not in RUNTIME_ARGS} == params, name
+        assert all(keywords[k].default is inspect.Parameter.empty for k in params), name
+        for arg, flag in RUNTIME_ARGS.items():
+            if flag is None:
+                continue
+            announced = spec.param(flag) is not None if flag == "rescale" else getattr(spec, flag)
+            assert (arg in keywords) == announced, (name, arg)
+
+
+def test_omitted_parameters_take_the_spec_default():
+    a, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
+    explicit = merge_tensors("ties", [a, c], base=a, weight=[1, 1], density=[1.0, 1.0], normalize=True, rescale=False,
+                             int8_mask=False, **{"lambda": 1.0})
+    assert torch.equal(merge_tensors("ties", [a, c], base=a, weight=[1, 1]), explicit)
+    assert METHODS["ties"].arguments({"weight": [1]}) == {"weight": [1], "density": 1.0, "lam": 1.0, "normalize": True,
+                                                         "rescale": False, "int8_mask": False}
 
 
 @pytest.mark.parametrize("n", [1, 1000, (1 << 16) + 7])  # across a chunk boundary of the eager draws

@@ -103,6 +103,7 @@ BAD = [
     ({"merge_method": "model_stock", "base_model": "b", "models": ["a"]}, "at least 2"),
     ({"merge_method": "ties", "base_model": "b", "models": [], "parameters": {"weight": 1}}, "non-empty list"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"weight": 1}, "tokenizer_source": "union"}, "union"),
+    ({"merge_method": "dataflow", "models": ["a"]}, "dataflow is not a parameter-space merge"),  # in the catalogue, but no tensor merge
 ]
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search import workers  # before Ray itself: it sets Ray's auth mode at import
-from evomerge.search.session import LocalPool, create_run, drive, status
+from evomerge.search import pool as ray_pool  # before Ray itself: it sets Ray's auth mode at import
+from evomerge.search.session import create_run, drive, status
 from evomerge.search.shipping import ShippingError, localize, pack, shipped_paths, translate, unpack
 from evomerge.testing.workspace import make_search_workspace
+from evomerge.worker.evaluator import Evaluator
+from evomerge.worker.local_pool import LocalPool
 
-ray = workers.ray
+ray = ray_pool.ray
 
 
 class Store:
@@ -135,7 +137,7 @@ def test_ray_workers_read_only_the_shipped_copies(workspace, tmp_path, monkeypat
     monkeypatch.setenv("EVOMERGE_SOURCE_CACHE", str(cache))  # read by the raylet the pool starts, hence its actors
     run, prepared = create_run(workspace / "run.yaml", tmp_path / "ray")
     moved = workspace.parent / "models-away"
-    with workers.RayPool(prepared) as pool:
+    with ray_pool.RayPool(prepared, Evaluator) as pool:
         assert pool.shipment is not None and pool.shipment.size > 0
         assert all(set(i["sources"]) == set(shipped_paths(prepared.config, prepared.config_dir))
                    and all(p.startswith(str(cache)) for p in i["sources"].values()) for i in pool.info)

@@ -38,7 +38,7 @@ def head():
 
 def _job_status(head: str, job_id: str) -> str:
     # a fresh process: Ray reads its auth mode at import time (the cluster uses token auth)
-    out = subprocess.run([sys.executable, "-c", "import sys; from evomerge.search import workers; "
+    out = subprocess.run([sys.executable, "-c", "import sys; from evomerge.search import jobs; "
                           "from ray.job_submission import JobSubmissionClient as C; "
                           "c = C(sys.argv[1]); print(c.get_job_status(sys.argv[2]).value); "
                           "print(c.get_job_logs(sys.argv[2])[-1500:], file=sys.stderr)", head, job_id],

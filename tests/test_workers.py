@@ -9,11 +9,13 @@ import sqlite3
 import pytest
 import yaml
 
-from evomerge.search import workers  # before Ray itself: it sets Ray's auth mode at import
-from evomerge.search.session import LocalPool, create_run, drive, status
+from evomerge.search import pool as ray_pool  # before Ray itself: it sets Ray's auth mode at import
+from evomerge.search.session import create_run, drive, status
 from evomerge.testing.workspace import make_search_workspace
+from evomerge.worker.evaluator import Evaluator
+from evomerge.worker.local_pool import LocalPool
 
-ray = workers.ray
+ray = ray_pool.ray
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +43,10 @@ def reference(workspace):
 def pool(workspace):
     """One Ray pool for the module (Ray start-up and source loading cost seconds). Its actors evaluate any
     recipe over these sources and tasks, so the DFS run uses it too."""
-    from evomerge.search.workers import RayPool
+    from evomerge.search.pool import RayPool
 
     _, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "pool-probe")
-    with RayPool(prepared) as p:
+    with RayPool(prepared, Evaluator) as p:
         yield p
     assert not ray.is_initialized()  # the pool started Ray, so it shut it down
 
@@ -94,7 +96,7 @@ def test_a_killed_worker_is_replaced_and_its_candidate_retried(workspace, refere
 
 
 def test_a_candidate_that_keeps_killing_workers_fails_after_max_retries(workspace, pool):
-    from evomerge.search.records import Candidate
+    from evomerge.search.candidates import Candidate
 
     _, prepared = create_run(workspace / "run.yaml", workspace / "runs" / "doomed")
     cand = Candidate("doomed", 0, 0, [0.5] * prepared.space.dim(prepared.layer_counts),

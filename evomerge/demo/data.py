@@ -20,9 +20,9 @@ search split, a test split and training pairs. Training corpora (`base_line`, `a
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -308,11 +308,21 @@ def write_tasks(out: str | Path, spec: DataSpec = DataSpec()) -> list[Path]:
     return written
 
 
+_USAGE = "usage: python -m evomerge.demo.data --write DIR"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evomerge.demo.data", description=__doc__.split("\n")[0])
-    parser.add_argument("--write", metavar="DIR", required=True, help="folder to write the task YAMLs and data/ into")
-    args = parser.parse_args(argv)
-    for path in write_tasks(args.write):
+    """`python -m evomerge.demo.data --write DIR`: one option, read by hand (only the CLI parses with a library)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(f"{_USAGE}\n\n{__doc__.splitlines()[0]}")
+        return 0
+    if len(args) == 1 and args[0].startswith("--write="):
+        args = ["--write", args[0].removeprefix("--write=")]
+    if len(args) != 2 or args[0] != "--write":
+        print(f"{_USAGE}\nerror: give --write DIR, the folder to write the task YAMLs and data/ into", file=sys.stderr)
+        return 2
+    for path in write_tasks(args[1]):
         print(path)  # a command-line entry point, not library code
     return 0
 

@@ -8,7 +8,8 @@ and exports in the run directory), so an interrupted demo resumes where it stopp
 prints the same table again from disk, in seconds (no Ray, no scoring). Everything is seeded: the same
 command prints the same table.
 
-The CLI (`evomerge/cli.py`) calls these stages in order and owns the progress display and the worker pool.
+pipeline.py calls these stages in order; the CLI (evomerge/cli/demo.py) supplies the progress display
+and the worker pool.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def ensure_calibration(log: Log, progress: Callable[[int, int, str], None], conf
                        ) -> Path:
     """The kit's calibration (runs/demo-calibrate.yaml), computed on first use and kept beside the kit."""
     from evomerge.config import CalibrationConfig, load_config
-    from evomerge.fitness.calibrate import calibrate, calibration_outputs, write_outputs
+    from evomerge.fitness.self_calibration import calibrate, calibration_outputs, write_outputs
 
     config = load_config(config_path, CalibrationConfig)
     out, responses_dir = calibration_outputs(config, config_path, force=True)
@@ -88,7 +89,7 @@ class Scored:
 def score_hand_recipes(prepared, pool, run_dir: Path, log: Log) -> dict[str, dict[str, float]]:
     """name -> {task: estimate} of every hand recipe, scored by the pool like a candidate (kept in the run)."""
     from evomerge.demo.hand import hand_recipes
-    from evomerge.search.records import Candidate
+    from evomerge.search.candidates import Candidate
     from evomerge.search.rundir import write_atomic
 
     path = run_dir / HAND_FILE
@@ -127,7 +128,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
     from evomerge.fitness.lmeval import Scorer
     from evomerge.merge.recipe import Recipe
     from evomerge.search.rundir import write_atomic
-    from evomerge.search.sources import SourceModels
+    from evomerge.worker.sources import SourceModels
 
     hf_logging.disable_progress_bar()
     config = prepared.config

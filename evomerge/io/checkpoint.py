@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from evomerge.errors import CheckpointError
+from evomerge.io.documents import layer_count, read_model_config
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -63,7 +64,7 @@ class Checkpoint:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model directory {path} does not exist: give the path of a Hugging Face model folder")
-        config = _read_config(path)
+        config = read_model_config(path)
         st_files = _safetensors_files(path)
         if st_files:
             return cls(path, config, _safetensors_inventory(st_files), pickled=False)
@@ -85,10 +86,7 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        n = self.config.get("num_hidden_layers", self.config.get("n_layer"))
-        if n is None:
-            raise CheckpointError(f"{self.path}/config.json has no num_hidden_layers (or n_layer)")
-        return int(n)
+        return layer_count(self.config, self.path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -150,16 +148,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{path} has no config.json: is it a Hugging Face model folder?")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def _files_from_index(path: Path, index_name: str) -> list[Path] | None:

@@ -1,4 +1,6 @@
-"""Merge methods: pure tensor functions in one registry.
+"""The tensor functions of the parameter-space merge methods, attached by name to the catalogue in
+evomerge.merge.specs (which states each method's parameters and their defaults: the functions take
+every parameter as a required keyword; `MethodSpec.arguments` or `Recipe.resolve` fill the omitted ones).
 
 Every method sees one tensor at a time in the same form: `base` (the reference model's tensor,
 float32) and `deltas`, one per merged model, each `model - base` (None for the base itself: a zero
@@ -29,45 +31,37 @@ from evomerge.merge.sparsify import (
     keep_fraction_count,
     keep_threshold,
     model_seed,
-    ranks_as_float,
     rank_range,
+    ranks_as_float,
     row_ranks,
 )
-from evomerge.registry import Registry
+from evomerge.merge.specs import METHODS, TENSOR
+
+TensorFunction = Callable[..., Tensor]
+# method name -> its tensor function; every spec of kind tensor has one (tests/test_methods.py checks)
+IMPLEMENTATIONS: dict[str, TensorFunction] = {}
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str  # as written in mergekit YAML
-    default: float | bool | None  # None: required
-    per_model: bool
-    low: float | None = None  # inclusive bounds, checked when recipes are validated
-    high: float | None = None
-    is_bool: bool = False
+def implements(*names: str) -> Callable[[TensorFunction], TensorFunction]:
+    """Attach the decorated tensor function to the catalogue's methods `names`."""
 
-    @property
-    def arg(self) -> str:
-        return "lam" if self.name == "lambda" else self.name
+    def attach(fn: TensorFunction) -> TensorFunction:
+        for name in names:
+            if METHODS[name].kind != TENSOR:
+                raise ValueError(f"merge method {name!r} is not a tensor method: it has no tensor function")
+            if name in IMPLEMENTATIONS:
+                raise ValueError(f"merge method {name!r} is implemented twice")
+            IMPLEMENTATIONS[name] = fn
+        return fn
 
-
-@dataclass(frozen=True)
-class MergeMethod:
-    name: str
-    fn: Callable[..., Tensor]
-    params: tuple[Param, ...]
-    needs_base: bool  # a base model is required (task vectors are taken against it)
-    min_models: int = 1  # merged models, base excluded where needs_base
-    max_models: int | None = None
-    random: bool = False
-    uses_magnitude: bool = False  # takes `magnitudes`: SortedMagnitudes per task vector
-    uses_ranks: bool = False  # takes `ranks`: row_ranks() per task vector
-    description: str = ""
-
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
+    return attach
 
 
-METHODS: Registry[MergeMethod] = Registry("merge method")
+def tensor_function(method: str) -> TensorFunction:
+    """The tensor function of a parameter-space method (unknown names: UnknownNameError with suggestions)."""
+    if METHODS[method].kind != TENSOR:
+        raise ValueError(f"merge method {method!r} is a {METHODS[method].kind} recipe, not a per-tensor merge")
+    return IMPLEMENTATIONS[method]
 
 
 class Workspace:
@@ -281,31 +275,14 @@ def l1_rescale(delta: Tensor, part: Part, delta_l1: float | None = None) -> floa
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
-def _register(name: str, params: tuple[Param, ...], **kw):
-    def deco(fn):
-        METHODS.register(name)(MergeMethod(name=name, fn=fn, params=params, description=(fn.__doc__ or "").strip(), **kw))
-        return fn
-
-    return deco
+# What each method does, its parameters and their defaults: specs.METHODS[name]. Besides the parameters,
+# functions take `out` and `ws` (speed only), `seed` (random methods), `magnitudes` / `ranks` (data derived
+# from the task vectors, cached by the materializer; computed here when absent) and `l1` (task-vector L1
+# norms, for rescale).
 
 
-WEIGHT = Param("weight", None, per_model=True)
-DENSITY = Param("density", 1.0, per_model=True, low=0.0, high=1.0)
-LAMBDA = Param("lambda", 1.0, per_model=False)
-INT8_MASK = Param("int8_mask", False, per_model=False, is_bool=True)  # accepted for mergekit parity; masks here are float
-
-
-def _normalize(default: bool) -> Param:
-    return Param("normalize", default, per_model=False, is_bool=True)
-
-
-def _rescale(default: bool) -> Param:
-    return Param("rescale", default, per_model=False, is_bool=True)
-
-
-@_register("linear", (WEIGHT, _normalize(True)), needs_base=False)
-def linear(base, deltas, *, weight, normalize=True, out=None, ws=None):
-    """Weighted average of the models (weights divided by their sum when normalize)."""
+@implements("linear")
+def linear(base, deltas, *, weight, normalize, out=None, ws=None):
     out = _out(out, base)
     total = sum(weight)
     if normalize and total == 0:
@@ -320,23 +297,20 @@ def linear(base, deltas, *, weight, normalize=True, out=None, ws=None):
     return out
 
 
-@_register("task_arithmetic", (WEIGHT, LAMBDA, _normalize(False), INT8_MASK), needs_base=True)
-def task_arithmetic(base, deltas, *, weight, lam=1.0, normalize=False, int8_mask=False, out=None, ws=None):
-    """base + lambda * sum_i weight_i * (model_i - base)."""
+@implements("task_arithmetic")
+def task_arithmetic(base, deltas, *, weight, lam, normalize, int8_mask, out=None, ws=None):
     return _combine(base, deltas, weight, None, consensus=False, normalize=normalize, lam=lam, out=out, ws=ws)
 
 
-@_register("ties", (WEIGHT, DENSITY, LAMBDA, _normalize(True), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)
-def ties(base, deltas, *, weight, density, lam=1.0, normalize=True, rescale=False, int8_mask=False, out=None, ws=None, magnitudes=None, l1=None):
-    """TIES: keep each task vector's largest-magnitude entries, elect signs, average the agreeing ones."""
+@implements("ties")
+def ties(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None):
     sm, dens = _present(deltas, magnitudes), _present(deltas, density)
     sp = lambda i, d, buf: sparsify_magnitude(d, dens[i], buf, sm[i])  # noqa: E731
     return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
 
 def _dare(consensus: bool):
-    def dare(base, deltas, *, weight, density, lam=1.0, normalize=False, rescale=True, int8_mask=False, out=None, ws=None, seed=0, l1=None):
-        """DARE: drop task-vector entries at random (keep probability density), rescale to the same L1 norm."""
+    def dare(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, seed, out=None, ws=None, l1=None):
         dens = _present(deltas, density)
         sp = lambda i, d, buf: sparsify_random(d, dens[i], model_seed(seed, i))  # noqa: E731
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
@@ -345,8 +319,7 @@ def _dare(consensus: bool):
 
 
 def _breadcrumbs(consensus: bool):
-    def breadcrumbs(base, deltas, *, weight, density, gamma=0.01, lam=1.0, normalize=False, rescale=False, int8_mask=False, out=None, ws=None, magnitudes=None, l1=None):
-        """Model Breadcrumbs: drop both the largest (gamma) and the smallest task-vector entries."""
+    def breadcrumbs(base, deltas, *, weight, density, gamma, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None):
         sm, dens, gam = _present(deltas, magnitudes), _present(deltas, density), _present(deltas, gamma)
         sp = lambda i, d, buf: sparsify_outliers(d, dens[i], gam[i], buf, sm[i])  # noqa: E731
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
@@ -355,8 +328,7 @@ def _breadcrumbs(consensus: bool):
 
 
 def _della(consensus: bool):
-    def della(base, deltas, *, weight, density, epsilon=0.15, lam=1.0, normalize=consensus, rescale=True, int8_mask=False, out=None, ws=None, seed=0, ranks=None, l1=None):
-        """DELLA: drop entries at random, larger magnitudes kept more often; rescale to the same L1 norm."""
+    def della(base, deltas, *, weight, density, epsilon, lam, normalize, rescale, int8_mask, seed, out=None, ws=None, ranks=None, l1=None):
         dens, eps, rk = _present(deltas, density), _present(deltas, epsilon), _present(deltas, ranks)
         for d_, e_ in zip(dens, eps):
             if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
@@ -367,19 +339,19 @@ def _della(consensus: bool):
     return della
 
 
-GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0)
-EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0)
-_register("dare_linear", (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_dare(False))
-_register("dare_ties", (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True)(_dare(True))
-_register("breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)(_breadcrumbs(False))
-_register("breadcrumbs_ties", (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True)(_breadcrumbs(True))
-_register("della", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK), needs_base=True, random=True, uses_ranks=True)(_della(True))
-_register("della_linear", (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True, uses_ranks=True)(_della(False))
+implements("dare_linear")(_dare(False))
+implements("dare_ties")(_dare(True))
+implements("breadcrumbs")(_breadcrumbs(False))
+implements("breadcrumbs_ties")(_breadcrumbs(True))
+implements("della")(_della(True))
+implements("della_linear")(_della(False))
+
+SLERP_COLINEAR = 0.9995  # |cos| above it: plain interpolation (the arc formula divides by sin(theta) ~ 0)
+SLERP_EPS = 1e-8  # norms below it count as 1 in the cosine (a zero tensor)
 
 
-@_register("slerp", (Param("t", None, per_model=False),), needs_base=True, min_models=1, max_models=1)
-def slerp(base, deltas, *, t, out=None, ws=None, dot_threshold=0.9995, eps=1e-8):
-    """Spherical interpolation from the base (t = 0) to the other model (t = 1)."""
+@implements("slerp")
+def slerp(base, deltas, *, t, out=None, ws=None):
     out = _out(out, base)
     d = next((d for d in deltas if d is not None), None)
     if d is None:
@@ -387,9 +359,9 @@ def slerp(base, deltas, *, t, out=None, ws=None, dot_threshold=0.9995, eps=1e-8)
     other = torch.add(base, d, out=_ws(ws).get("other", base))
     n0, n1 = base.norm().item(), other.norm().item()
     dot = torch.dot(base.reshape(-1), other.reshape(-1)).item()
-    dot /= (n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0)
+    dot /= (n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0)
     dot = min(max(dot, -1.0), 1.0)
-    if abs(dot) > dot_threshold:  # nearly colinear: plain interpolation is accurate and stable
+    if abs(dot) > SLERP_COLINEAR:  # nearly colinear: plain interpolation is accurate and stable
         s0, s1 = 1 - t, t
     else:
         theta = math.acos(dot)
@@ -400,10 +372,9 @@ def slerp(base, deltas, *, t, out=None, ws=None, dot_threshold=0.9995, eps=1e-8)
     return out
 
 
-@_register("model_stock", (Param("filter_wise", False, per_model=False, is_bool=True),), needs_base=True, min_models=2)
-def model_stock(base, deltas, *, filter_wise=False, out=None, ws=None):
-    """Model Stock: move from the base toward the models' average by t = N cos / (1 + (N - 1) cos),
-    cos being the mean pairwise cosine of their task vectors (per tensor, or per row if filter_wise)."""
+@implements("model_stock")
+def model_stock(base, deltas, *, filter_wise, out=None, ws=None):
+    """The cosine (the mean over pairs of task vectors) is taken per tensor, or per row if filter_wise."""
     out = _out(out, base)
     ds = [d for d in deltas if d is not None]
     if len(ds) < 2:
@@ -439,12 +410,13 @@ def merge_tensors(
     seed: int = 0,
     **params,
 ) -> Tensor:
-    """Reference entry point on raw tensors: merge `tensors` (the base may be one of them, by identity)."""
-    spec = METHODS[method]
+    """Reference entry point on raw tensors: merge `tensors` (the base may be one of them, by identity);
+    `params` as in YAML (`lambda` included), omitted ones at the method's defaults."""
+    fn, spec = tensor_function(method), METHODS[method]
     ref = base if base is not None else tensors[0]
     ref32 = ref.float()
     deltas = [None if t is ref else t.float() - ref32 for t in tensors]
-    kwargs = {("lam" if k == "lambda" else k): v for k, v in params.items()}
+    kwargs = spec.arguments(params)
     if spec.random:
         kwargs["seed"] = seed
-    return spec.fn(ref32, deltas, **kwargs)
+    return fn(ref32, deltas, **kwargs)

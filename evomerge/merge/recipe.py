@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from evomerge.errors import RecipeError
-from evomerge.merge.methods import METHODS, MergeMethod
+from evomerge.merge.specs import METHODS, TENSOR, MethodSpec, tensor_method_names
 from evomerge.registry import UnknownNameError
 
 Value = float | bool | tuple[float, ...]  # scalar or gradient
@@ -119,7 +119,7 @@ class Recipe:
 
     # -- what the method sees ----------------------------------------------------------------------
     @property
-    def spec(self) -> MergeMethod:
+    def spec(self) -> MethodSpec:
         return METHODS[self.method]
 
     def inputs(self) -> list[ModelEntry]:
@@ -152,6 +152,9 @@ class Recipe:
             spec = METHODS[self.method]
         except UnknownNameError as e:
             raise RecipeError(f"{where}: merge_method: {e}") from None
+        if spec.kind != TENSOR:  # dataflow documents have their own parser (dataflow_recipe.py)
+            raise RecipeError(f"{where}: merge_method: {self.method} is not a parameter-space merge (it takes sources "
+                              f"and a path, not models): use one of {', '.join(tensor_method_names())}")
         if spec.needs_base and not self.base_model:
             raise RecipeError(f"{where}: {self.method} needs base_model: add 'base_model: PATH'")
         inputs = self.inputs()
@@ -180,7 +183,7 @@ class Recipe:
                         )
 
     @staticmethod
-    def _check_param(spec: MergeMethod, name: str, setting: Setting, at: str, top_level: bool) -> None:
+    def _check_param(spec: MethodSpec, name: str, setting: Setting, at: str, top_level: bool) -> None:
         p = spec.param(name)
         if p is None:
             valid = ", ".join(q.name for q in spec.params)
@@ -199,7 +202,8 @@ class Recipe:
 
     # -- per-tensor resolution ---------------------------------------------------------------------
     def resolve(self, tensor_name: str, t: float) -> dict[str, Any]:
-        """Keyword arguments of the method for one tensor at layer position t (per-model ones as lists)."""
+        """Keyword arguments of the method for one tensor at layer position t: every parameter of the method
+        (omitted ones at their defaults), per-model ones as lists."""
         spec = self.spec
         inputs = self.inputs()
         kwargs: dict[str, Any] = {}

@@ -1,6 +1,8 @@
-"""The optimizer side: run directory, evaluation ledger, algorithm checkpoint (and later the driver).
+"""The driver side of the search: the ask/tell driver, run sessions, the ledger and run directory, preflight checks,
+sources shipped through the object store, the Ray pool and the Ray jobs client.
 
-Nothing under this package imports torch; only `search/workers*` may import Ray.
+Nothing under this package imports torch (the torch side is evomerge.worker); only `pool` and `jobs` import Ray
+(import-linter checks both: pyproject.toml [tool.importlinter]).
 """
 
 from __future__ import annotations

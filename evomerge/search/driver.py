@@ -15,15 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import GenomeError
-from evomerge.registry import Registry
+from evomerge.search.algorithms import ALGORITHMS
+from evomerge.search.candidates import Candidate, EvalResult
 from evomerge.search.ledger import Ledger, Record, candidate_key
-from evomerge.search.records import Candidate, EvalResult
 from evomerge.seeds import derive_seed
 
 FAILED_COST = 1e6  # a failed candidate's cost objectives: worse than any real model, finite for pymoo
@@ -52,51 +52,6 @@ class Objective:
 
 def objectives_of(config: RunConfig) -> list[Objective]:
     return [Objective(o.name, o.task, o.cost) for o in config.objectives]
-
-
-# -- algorithms ----------------------------------------------------------------------------------------------
-ALGORITHMS: Registry[Callable[..., Any]] = Registry("algorithm")
-
-
-def _reference_directions(n_obj: int, pop_size: int):
-    from pymoo.util.ref_dirs import get_reference_directions
-
-    partitions = 1
-    while math.comb(n_obj + partitions, n_obj - 1) <= pop_size:  # as many directions as fit the population
-        partitions += 1
-    return get_reference_directions("das-dennis", n_obj, n_partitions=partitions)
-
-
-@ALGORITHMS.register("nsga2")
-def _nsga2(pop_size: int, n_obj: int, sampling: np.ndarray):
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-
-    return NSGA2(pop_size=pop_size, sampling=sampling, eliminate_duplicates=True)
-
-
-@ALGORITHMS.register("nsga3")
-def _nsga3(pop_size: int, n_obj: int, sampling: np.ndarray):
-    from pymoo.algorithms.moo.nsga3 import NSGA3
-
-    return NSGA3(ref_dirs=_reference_directions(n_obj, pop_size), pop_size=pop_size, sampling=sampling,
-                 eliminate_duplicates=True)
-
-
-@ALGORITHMS.register("moead")
-def _moead(pop_size: int, n_obj: int, sampling: np.ndarray):
-    from pymoo.algorithms.moo.moead import ParallelMOEAD
-
-    ref_dirs = _reference_directions(n_obj, pop_size)
-    # the batch variant: one offspring per subproblem per ask, a whole generation to evaluate in parallel
-    return ParallelMOEAD(ref_dirs=ref_dirs, n_neighbors=min(15, len(ref_dirs)), sampling=sampling,
-                         n_offsprings=len(ref_dirs))
-
-
-@ALGORITHMS.register("ga")
-def _ga(pop_size: int, n_obj: int, sampling: np.ndarray):
-    from pymoo.algorithms.soo.nonconvex.ga import GA
-
-    return GA(pop_size=pop_size, sampling=sampling, eliminate_duplicates=True)
 
 
 def initial_population(seeds: np.ndarray, pop_size: int, dim: int, seed: int) -> np.ndarray:

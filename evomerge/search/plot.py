@@ -1,4 +1,5 @@
-"""The Pareto-front plot of `evomerge status` (the first two objectives), written atomically as PNG."""
+"""The Pareto-front plot (the first two objectives), written atomically as PNG: RUN_DIR/front.png when
+`search`, `resume` or `demo` ends a search, and wherever `status --plot` asks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import io
 from pathlib import Path
 
 from evomerge.search.rundir import write_atomic
+
+FRONT_PLOT = "front.png"  # the plot's name in the run directory
 
 
 def plot_front(state: dict, out: Path) -> Path | None:

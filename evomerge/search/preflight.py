@@ -15,6 +15,7 @@ import numpy as np
 
 from evomerge.config import ConfigError, RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.io.documents import read_model_config
 from evomerge.io.headers import inventory
 
 MAX_LISTED = 3
@@ -45,13 +46,6 @@ def check_calibration(config: RunConfig, path: Path, where: str) -> None:
             raise ConfigError(f"{where}: {field}: task {missing[0]!r} is not in the calibration "
                               f"{config.fitness.calibration} (its tasks: {', '.join(sorted(calibrated))}): "
                               "calibrate it with `evomerge calibrate`, or drop it")
-
-
-def read_model_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path / 'config.json'} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def check_sources_compatible(models: Mapping[str, Path], tensors_must_match: bool, where: str) -> None:

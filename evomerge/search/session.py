@@ -1,23 +1,23 @@
 """Start, resume and inspect searches: config -> run directory -> generations (driver.py) -> status.
 
-The pool that evaluates candidates is passed in: `LocalPool` runs one in-process Evaluator (the
-default until the Ray worker pool lands); a Ray pool keeps the same interface.
+The pool that evaluates candidates is passed in (`pool.evaluate(candidates) -> Iterable[EvalResult]`): the
+worker side's `LocalPool` (one in-process Evaluator) or `search.pool.RayPool` (Ray actors).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from evomerge.config import RunConfig, load_config
+from evomerge.io.documents import layer_count, read_model_config
 from evomerge.search.driver import generations, new_algorithm, objectives_of, run_generation
 from evomerge.search.ledger import Record, pareto_front
-from evomerge.search.records import Candidate, EvalResult
 from evomerge.search.rundir import RunDir
 
 
@@ -52,28 +52,12 @@ def prepare(config: RunConfig, config_dir: Path, where: str) -> Prepared:
 
 
 def _layer_count(path: Path) -> int:
-    from evomerge.search.preflight import read_model_config
-
-    cfg = read_model_config(path)
-    return int(cfg.get("num_hidden_layers") or cfg.get("n_layer"))
+    return layer_count(read_model_config(path), path)
 
 
 def _near(p: str, base: Path) -> Path:
     path = Path(p).expanduser()
     return path if path.is_absolute() else base / path
-
-
-class LocalPool:
-    """Evaluates candidates one after another in this process (one Evaluator, sources loaded once)."""
-
-    def __init__(self, prepared: Prepared, device: str = "cpu") -> None:
-        from evomerge.search.evaluate import Evaluator
-
-        self.evaluator = Evaluator(prepared.config, prepared.config_dir, device=device)
-
-    def evaluate(self, candidates: Sequence[Candidate]) -> Iterable[EvalResult]:
-        for c in candidates:
-            yield self.evaluator.evaluate(c)
 
 
 def create_run(config_path: Path, run_dir: Path | None) -> tuple[RunDir, Prepared]:

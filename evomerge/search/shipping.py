@@ -2,7 +2,7 @@
 
 With `workers.sources: object_store` the driver packs every file the workers read: the source and base models,
 the calibration, the task folders (`fitness.task_paths`) and a search-space YAML given by path. Each file goes in
-chunks of `CHUNK` bytes through `put` (`ray.put` in workers.py: one object per chunk, so neither end holds more
+chunks of `CHUNK` bytes through `put` (`ray.put` in pool.py: one object per chunk, so neither end holds more
 than one chunk of a file in memory); the `Shipment` that results is small (names, sizes, sha256 digests, chunk
 handles) and travels with the actor's arguments.
 
@@ -13,7 +13,7 @@ verified against the digests and renamed into place, so a half-written cache is 
 same files reuses it. `localize` then rewrites the config to the local copies and `translate` rewrites the model
 references in a recipe (recipes name models by the driver's path strings).
 
-No Ray here: `put` and `get` are passed in (workers.py passes ray.put / ray.get; tests pass plain functions).
+No Ray here: `put` and `get` are passed in (pool.py passes ray.put / ray.get; tests pass plain functions).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ class SourceModels:
     def __init__(self, config: RunConfig, config_dir: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoConfig
 
-        from evomerge.merge.dfs import num_layers
-        from evomerge.merge.ps import Materializer
+        from evomerge.worker.materializer import Materializer
+        from evomerge.worker.routed import num_layers
 
         src = config.sources
         search = [Path(config_dir).resolve(), Path.cwd()]
@@ -54,7 +54,7 @@ class SourceModels:
     def model(self, ref: str) -> torch.nn.Module:
         """A source's own live model, loaded on first use."""
         if ref not in self._live:
-            from evomerge.merge.dfs import load_models
+            from evomerge.worker.routed import load_models
 
             if ref not in self.paths:
                 raise RecipeError(f"model {ref!r} is not one of this run's sources ({', '.join(self.paths)})")

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import RecipeError
-from evomerge.io import Checkpoint, check_compatible
-from evomerge.merge.methods import Workspace
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.io.compat import check_compatible
+from evomerge.merge.methods import Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
 from evomerge.seeds import derive_seed
@@ -138,7 +139,7 @@ class Materializer:
 
     def _write(self, recipe: Recipe, targets: dict[str, torch.Tensor], seed: int) -> None:
         self._check(recipe)
-        spec = recipe.spec
+        spec, merge = recipe.spec, tensor_function(recipe.method)
         inputs = [e.model for e in recipe.inputs()]
         with torch.no_grad():
             for name in self.names:
@@ -148,7 +149,7 @@ class Materializer:
                     continue
                 base = self.base[name]
                 deltas = [None if m == self.base_name else self.deltas[m][name] for m in inputs]
-                kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
+                kwargs = recipe.resolve(name, layer_position(name, self.num_layers))  # every parameter, defaults filled
                 if spec.random:
                     kwargs["seed"] = derive_seed(seed, name)  # independent of tensor order
                 if spec.uses_magnitude:
@@ -159,7 +160,7 @@ class Materializer:
                     kwargs["l1"] = self._derived(self._l1, _l1_norm, inputs, name)
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
                 try:
-                    result = spec.fn(base, deltas, out=out, ws=self.workspace, **kwargs)
+                    result = merge(base, deltas, out=out, ws=self.workspace, **kwargs)
                 except ValueError as e:
                     raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
                 if result is not target:

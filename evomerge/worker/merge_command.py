@@ -6,20 +6,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-import yaml
 
 from evomerge.errors import EvomergeError, RecipeError
-from evomerge.io import parse_size, prepare_output_dir, save_checkpoint
+from evomerge.io.documents import read_yaml
 from evomerge.io.paths import resolve_model
-from evomerge.merge.dataflow import DataflowRecipe, is_dataflow
-from evomerge.merge.ps import TORCH_DTYPES, Materializer
+from evomerge.io.save import parse_size, prepare_output_dir
+from evomerge.merge.dataflow_recipe import is_dataflow
 from evomerge.merge.recipe import Recipe
-
-MERGEKIT_FILE = "mergekit_config.yml"  # a parameter-space recipe, as mergekit reads it
-RECIPE_FILE = "evomerge_recipe.yml"  # a data-flow or hybrid recipe (mergekit has no data-flow merges)
+from evomerge.worker.checkpoint_writer import check_device, write_dataflow_checkpoint, write_ps_checkpoint
+from evomerge.worker.materializer import TORCH_DTYPES, Materializer
 
 
 @dataclass(frozen=True)
@@ -28,31 +23,6 @@ class MergeResult:
     n_tensors: int
     nbytes: int
     n_shards: int
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise EvomergeError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return dev
-
-
-def load_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-
-
-def load_recipe(path: Path) -> Recipe:
-    return Recipe.from_mergekit(load_yaml(path), where=str(path))
 
 
 def _refuse_overwrite(out: Path, models: dict[str, Path]) -> None:
@@ -73,7 +43,7 @@ def merge_from_yaml(
     force: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> MergeResult:
-    data = load_yaml(recipe_path)
+    data = read_yaml(recipe_path, RecipeError, "recipe file")
     if is_dataflow(data):
         return _merge_dataflow(data, recipe_path, out, device=device, shard_size=shard_size, seed=seed,
                                allow_pickle=allow_pickle, force=force, log=log)
@@ -100,26 +70,8 @@ def merge_from_yaml(
     return _result(out)
 
 
-def write_ps_checkpoint(out: Path, tensors, recipe: Recipe, paths: dict[str, Path], *, dtype: torch.dtype,
-                        max_shard_bytes: int, force: bool, extra_files: dict[str, str] | None = None) -> Path:
-    """Write merged tensors (name, tensor) of a parameter-space recipe as a checkpoint (atomic), with config and
-    generation config of the recipe's base (else first) model, its tokenizer, and the recipe as mergekit YAML.
-    paths: every model reference of the recipe -> its directory."""
-    from transformers import AutoConfig
-
-    base = paths[recipe.base_model or recipe.models[0].model]
-    config = AutoConfig.from_pretrained(base)
-    config.dtype = dtype
-    return save_checkpoint(
-        out, tensors, config,
-        tokenizer_from=paths[recipe.tokenizer_model()], generation_config_from=base,
-        max_shard_bytes=max_shard_bytes, force=force,
-        extra_files={MERGEKIT_FILE: yaml.safe_dump(recipe.to_mergekit(), sort_keys=False), **(extra_files or {})},
-    )
-
-
 def _result(out: Path) -> MergeResult:
-    from evomerge.io import Checkpoint
+    from evomerge.io.checkpoint import Checkpoint
 
     ck = Checkpoint.open(out)
     nbytes = sum(m.nbytes for m in ck.tensors.values())
@@ -131,10 +83,10 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     """A data-flow or hybrid recipe: load the pool, fold the path's scales, write a standard checkpoint."""
     from transformers import AutoConfig
 
-    from evomerge.io import Checkpoint
-    from evomerge.merge.dataflow import parse_dataflow, parse_sources
-    from evomerge.merge.dfs import check_layer_compatible, load_pool, num_layers
-    from evomerge.merge.fold import check_foldable
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.merge.dataflow_recipe import parse_dataflow, parse_sources
+    from evomerge.worker.folded_export import check_foldable
+    from evomerge.worker.routed import check_layer_compatible, load_pool, num_layers
 
     where = str(recipe_path)
     shard_bytes = parse_size(shard_size)
@@ -161,21 +113,3 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     write_dataflow_checkpoint(out, models, recipe, paths, dtype=dtype, max_shard_bytes=shard_bytes, force=force)
     log(f"wrote a {len(recipe.path)}-layer path through {len(models)} sources")
     return _result(out)
-
-
-def write_dataflow_checkpoint(out: Path, models: dict[str, torch.nn.Module], recipe: DataflowRecipe,
-                              paths: dict[str, Path], *, dtype: torch.dtype, max_shard_bytes: int, force: bool,
-                              extra_files: dict[str, str] | None = None) -> Path:
-    """Write a data-flow (or hybrid) recipe's path through live pool models (pool name -> model) as a standard
-    checkpoint with its scales folded in (atomic), with model A's tokenizer and generation config, and the
-    recipe as evomerge_recipe.yml. paths: every model reference of the recipe -> its directory."""
-    from evomerge.merge.fold import export_path
-
-    a = recipe.model_a
-    home = paths[a.model] if a.model else paths[a.merge.base_model or a.merge.models[0].model]
-    tokenizer = paths[a.model] if a.model else paths[a.merge.tokenizer_model()]
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
-    return export_path(
-        models, recipe.path, out, tokenizer_from=tokenizer, generation_config_from=home, dtype=dtype,
-        max_shard_bytes=max_shard_bytes, force=force, extra_files={RECIPE_FILE: text, **(extra_files or {})},
-    )

@@ -1,13 +1,12 @@
 """One worker's evaluation of candidates: recipe -> live model -> anchor answers -> estimated accuracies.
 
-The torch side of the search (no Ray here: `search/workers*` wraps an Evaluator in an actor). An Evaluator
+The torch side of the search (no Ray here: `search.pool` wraps an Evaluator in an actor). An Evaluator
 is built once per worker: it loads the sources once onto its device (one Materializer over base + sources
 serves parameter-space recipes and the merge part of hybrid recipes; the sources' own live models serve
 data-flow routing, loaded on the first data-flow candidate), builds one Scorer and reads the calibration.
 `evaluate(candidate)` never raises for a bad candidate: any error, or non-finite merged weights or scores,
 is a `status="failed"` result with a one-line error, and the next candidate evaluates as usual.
-
-Candidate and EvalResult are plain, small, picklable data (what driver and workers exchange).
+Candidates arrive decoded: the driver turns genomes into recipes, a worker only materializes them.
 """
 
 from __future__ import annotations
@@ -23,21 +22,16 @@ import numpy as np
 import torch
 
 from evomerge.config import RunConfig
-from evomerge.errors import FitnessError, RecipeError
+from evomerge.errors import FitnessError, RecipeError, one_line
 from evomerge.io.paths import find_path
-from evomerge.merge.dataflow import is_dataflow, parse_dataflow
+from evomerge.merge.dataflow_recipe import is_dataflow, parse_dataflow
 from evomerge.merge.recipe import Recipe
-from evomerge.search.records import FAILED, OK, Candidate, EvalResult
-from evomerge.search.sources import SourceModels
+from evomerge.search.candidates import FAILED, OK, Candidate, EvalResult
+from evomerge.worker.sources import SourceModels
 
 
 class NonFiniteError(FitnessError):
     """The merged model has NaN/inf weights, or its scores are not finite."""
-
-
-def one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -52,8 +46,6 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
         return True
     # a non-finite sum: a NaN/inf entry, or finite entries so large that their sum overflows; look exactly
     return all(bool(torch.isfinite(t).all()) for t, f in zip(tensors, finite.tolist()) if not f)
-
-
 
 
 class ForwardClock:
@@ -113,25 +105,11 @@ class Evaluator:
         self.scorer = Scorer(self.tasks, [find_path(p, search) for p in config.fitness.task_paths],
                              tokenizer=AutoTokenizer.from_pretrained(self.sources.paths[self.sources.base_ref]),
                              batch_size=config.fitness.batch_size, device=self.device)
-        self._space = None
 
     # -- what the driver needs -------------------------------------------------------------------------
     def layer_counts(self) -> dict[str, int]:
-        """Source name -> number of layers (what genome decoding needs)."""
+        """Source name -> number of layers of the sources as loaded here."""
         return {name: self.sources.layers[ref] for name, ref in self.sources.names.items()}
-
-    @property
-    def space(self):
-        """The run's search space (to decode a candidate sent with a genome and no recipe)."""
-        if self._space is None:
-            from evomerge.genome import SearchSpace
-
-            spec = self.config.search_space
-            if isinstance(spec, str) and (spec.endswith((".yaml", ".yml")) or "/" in spec):
-                spec = str(find_path(spec, [self.config_dir, Path.cwd()]))
-            self._space = SearchSpace.load(spec, sources=self.config.sources.models,
-                                           base_model=self.config.sources.base_model)
-        return self._space
 
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate(self, cand: Candidate) -> EvalResult:
@@ -157,8 +135,10 @@ class Evaluator:
 
     def _materialize(self, cand: Candidate, timings: dict[str, float]) -> tuple[torch.nn.Module, dict[str, float]]:
         t = time.perf_counter()
-        doc = cand.recipe if cand.recipe else self.space.decode(cand.genome, self.layer_counts())
         where = f"candidate {cand.key}"
+        if not cand.recipe:  # the driver decodes genomes; a worker only materializes recipes
+            raise RecipeError(f"{where} has no recipe: the driver sends each candidate's decoded recipe")
+        doc = cand.recipe
         if is_dataflow(doc):
             model, costs, check = self._route(doc, where, cand.seed)
         else:
@@ -173,7 +153,7 @@ class Evaluator:
         return model, costs
 
     def _route(self, doc: dict, where: str, seed: int) -> tuple[torch.nn.Module, dict[str, float], list]:
-        from evomerge.merge.dfs import build_routed_model, layers_of
+        from evomerge.worker.routed import build_routed_model, layers_of
 
         recipe = parse_dataflow(doc, where, lambda source: self.sources.layer_count(source, where))
         merges = [s for s in recipe.sources if s.merge is not None]
@@ -226,4 +206,4 @@ class Evaluator:
         return responses, estimates
 
 
-__all__ = ["FAILED", "OK", "Candidate", "EvalResult", "Evaluator", "ForwardClock", "NonFiniteError", "all_finite", "one_line"]
+__all__ = ["Evaluator", "ForwardClock", "NonFiniteError", "all_finite"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from evomerge.errors import IncompatibleModelsError, RecipeError
-from evomerge.merge.path import PathStep
+from evomerge.merge.layer_path import PathStep
 
 # Config keys that may differ between the sources of one path: the routed model takes them from
 # model A (vocabulary, special tokens, tying: A's embeddings and head are used) or per layer.
@@ -118,7 +118,7 @@ class RoutedLayer(nn.Module):
 
 def build_routed_model(models: Mapping[str, nn.Module], path: Sequence[PathStep]) -> nn.Module:
     """A causal LM that runs `path` over the layers of `models` (name -> live model; the first is model A)."""
-    from evomerge.merge.ps import skip_weight_init
+    from evomerge.worker.materializer import skip_weight_init
 
     if not path:
         raise RecipeError("path is empty: keep at least one layer")
@@ -177,8 +177,8 @@ def load_pool(
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """Live models of a pool: checkpoints loaded once; a merge source materialized into its own live
     model. Returns (name -> model, name -> Materializer of each merge source, to re-materialize in place)."""
-    from evomerge.io import Checkpoint
-    from evomerge.merge.ps import Materializer
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.worker.materializer import Materializer
 
     models: dict[str, nn.Module] = {}
     materializers: dict[str, Any] = {}

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import RecipeError
-from evomerge.merge.path import LayerPool, PathStep, apply_scales, check_path, decode_slots
+from evomerge.merge.layer_path import LayerPool, PathStep, apply_scales, check_path, decode_slots
 from evomerge.merge.recipe import DTYPES, Recipe, _check_keys
+from evomerge.merge.specs import DATAFLOW
 
-METHOD = "dataflow"
+METHOD = DATAFLOW  # the merge_method of these documents, named in the method catalogue
 TOP_KEYS = ("merge_method", "sources", "path", "slots", "pin_ends", "scales", "max_layers", "dtype")
 SOURCE_KEYS = ("name", "model", "merge")
 

@@ -3,7 +3,7 @@
 Use it wherever a `LocalPool` goes (the pool interface is `pool.evaluate(candidates) -> Iterable[EvalResult]`):
 
     from evomerge.search.session import drive
-    from evomerge.search.workers import RayPool
+    from evomerge.search.pool import RayPool
 
     with RayPool(prepared) as pool:                      # a private Ray on this machine, loopback only
         drive(run, prepared, pool)
@@ -31,38 +31,26 @@ of the config, so they must exist on every node (shared filesystem, the same ima
 `workers.sources: object_store` the driver ships them through Ray's object store and each node keeps one copy
 in its cache (see shipping.py); only the driver needs the files.
 
-Jobs: `submit_search`, `list_jobs`, `job_info`, `job_logs`, `follow_job_logs`, `stop_job` and `submit_resume`
-talk to a cluster's job server (the Ray Jobs SDK); they return plain dicts and strings for the CLI.
-
 `close()` (or leaving the `with` block) kills the actors and shuts Ray down when this pool started it.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-# `ray start` and a local ray.init turn token auth on and write ~/.ray/auth_token; Ray's clients read the mode
-# when Ray is imported, so a job client of such a cluster needs it set before the import. Once Ray is imported
-# the mode is fixed: setting it then would only reach the processes Ray starts, and they would disagree.
-if ("ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ
-        and (Path.home() / ".ray" / "auth_token").is_file()):
-    os.environ["RAY_AUTH_MODE"] = "token"
+from evomerge.search.ray_env import ENV_PASSED, set_auth_mode
+
+set_auth_mode()  # before Ray is first imported: its clients read the mode at import
 
 import ray  # noqa: E402
 from ray import exceptions as rex  # noqa: E402
 
-from evomerge.errors import EvomergeError
-from evomerge.search.records import FAILED, Candidate, EvalResult
-
-# passed to every actor, so that a worker on another node (or a raylet started before them) sees the driver's
-# choices; HF_*_OFFLINE in particular: no network at run time
-_ENV_PASSED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
-               "HF_DATASETS_CACHE", "TOKENIZERS_PARALLELISM")
+from evomerge.errors import EvomergeError, one_line
+from evomerge.search.candidates import FAILED, Candidate, EvalResult
 
 
 class WorkerStartError(EvomergeError):
@@ -72,8 +60,8 @@ class WorkerStartError(EvomergeError):
 class _EvalActor:
     """One worker: one Evaluator, built once, evaluating candidates one after another."""
 
-    def __init__(self, config, config_dir: str, worker: str, device: str | None, env: dict[str, str],
-                 shipment=None) -> None:
+    def __init__(self, evaluator: Callable, config, config_dir: str, worker: str, device: str | None,
+                 env: dict[str, str], shipment=None) -> None:
         os.environ.update(env)
         node_id = ray.get_runtime_context().get_node_id()
         ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "?")
@@ -86,9 +74,7 @@ class _EvalActor:
 
             self.local = unpack(shipment, ray.get)
             config = localize(config, self.local)
-        from evomerge.search.evaluate import Evaluator
-
-        self.evaluator = Evaluator(config, config_dir, device=device, worker=worker, node=self.node)
+        self.evaluator = evaluator(config, config_dir, device=device, worker=worker, node=self.node)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": self.node, "device": str(self.evaluator.device),
@@ -109,19 +95,15 @@ class _EvalActor:
 _DEATHS = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.OutOfMemoryError, rex.NodeDiedError)
 
 
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
-
-
 class RayPool:
     """`config.workers.count` Ray actors with one Evaluator each; see the module docstring."""
 
-    def __init__(self, prepared, *, address: str | None = None, device: str | None = None,
+    def __init__(self, prepared, evaluator: Callable, *, address: str | None = None, device: str | None = None,
                  timeout_s: float | None = 3600.0, start_timeout_s: float = 900.0) -> None:
         self.config = prepared.config
         self.config_dir = str(Path(prepared.config_dir).resolve())
         self.device = device
+        self.evaluator = evaluator  # the worker side's Evaluator class, built once in each actor
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         workers = self.config.workers
@@ -158,7 +140,7 @@ class RayPool:
                     f"workers: one worker needs {need_cpu:g} CPU and {need_gpu:g} GPU, but the Ray cluster has "
                     f"{cpus:g} CPU and {gpus:g} GPU in all: lower workers.cpus_per_worker / "
                     "workers.gpus_per_worker in the run config")
-            self._env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
+            self._env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
             if workers.sources == "object_store":  # read here once; kept (referenced) while the pool lives
                 from evomerge.search.shipping import pack
 
@@ -175,7 +157,7 @@ class RayPool:
         return f"worker-{i}"
 
     def _start(self, i: int):
-        return self._remote.options(**self._options).remote(self.config, self.config_dir, self._name(i),
+        return self._remote.options(**self._options).remote(self.evaluator, self.config, self.config_dir, self._name(i),
                                                              self.device, self._env, self.shipment)
 
     def _wait_ready(self, slots: list[int]) -> list[dict]:
@@ -190,7 +172,7 @@ class RayPool:
         try:
             return ray.get(refs)
         except rex.RayError as e:
-            raise WorkerStartError(f"workers: a Ray worker failed to start: {_short(e)}") from e
+            raise WorkerStartError(f"workers: a Ray worker failed to start: {one_line(e, limit=300)}") from e
 
     def _replace(self, i: int) -> None:
         """A fresh actor in slot i; it gets candidates once ready (see `_started`)."""
@@ -276,10 +258,10 @@ class RayPool:
                     result = ray.get(ref)
                 except _DEATHS as e:
                     self._replace(i)
-                    yield from self._retry_or_fail(c, _short(e), deaths, queue, i)
+                    yield from self._retry_or_fail(c, one_line(e, limit=300), deaths, queue, i)
                     continue
                 except rex.RayTaskError as e:  # evaluate() raised (it should not): a failed candidate
-                    result = EvalResult(c.key, FAILED, error=_short(e.cause if e.cause else e),
+                    result = EvalResult(c.key, FAILED, error=one_line(e.cause if e.cause else e, limit=300),
                                         worker=self._name(i), node="")
                 idle.append(i)
                 yield result
@@ -345,143 +327,4 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-# -- Ray jobs (the Jobs SDK, through the cluster's job server: its dashboard address) ------------------------
-class JobError(EvomergeError):
-    """A Ray job server cannot be reached, or it has no job of that id, or refuses a request."""
-
-
-_META = "evomerge."  # prefix of the job metadata written by submit (run_dir, config, command)
-_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def _client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as e:  # unreachable dashboard, bad address: one line for the CLI
-        raise JobError(f"--address {address}: cannot reach the Ray job server ({_short(e)}): "
-                       "start one with `ray start --head` or check host and port") from None
-
-
-def _call(address: str, job_id: str | None, fn, *args):
-    try:
-        return fn(*args)
-    except RuntimeError as e:  # the SDK's answer to any failed request
-        text = str(e)
-        if job_id is not None and ("404" in text or "does not exist" in text):
-            raise JobError(f"job {job_id}: no such job on {address}: `evomerge jobs list --address {address}` "
-                           "lists them") from None
-        raise JobError(f"{address}: the Ray job server refused the request ({_short(e)})") from None
-    except OSError as e:  # the connection broke after the client was made
-        raise JobError(f"--address {address}: cannot reach the Ray job server ({_short(e)})") from None
-
-
-def _entrypoint(args: list[str]) -> str:
-    """`python -m evomerge ARGS` on the cluster: this interpreter where it exists there (a cluster on this
-    machine), else the `python` on the job's PATH (the cluster's image)."""
-    import shlex
-
-    return (f"PY={shlex.quote(sys.executable)}; [ -x \"$PY\" ] || PY=python; "
-            f"exec \"$PY\" -m evomerge {shlex.join(args)}")
-
-
-def _submit(address: str, args: list[str], metadata: dict[str, str]) -> str:
-    client = _client(address)
-    env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
-    return _call(address, None, lambda: client.submit_job(
-        entrypoint=_entrypoint(args), runtime_env={"env_vars": env} if env else None,
-        metadata={f"{_META}{k}": v for k, v in metadata.items()}))
-
-
-def submit_search(config_path: Path, address: str, run_dir: Path | None = None) -> str:
-    """Submit `evomerge search CONFIG` as a Ray job on the cluster at `address` (its dashboard, e.g.
-    http://HOST:8265); returns the job id. The job joins the cluster's Ray (--address auto), so its workers
-    run on the cluster's nodes; the config (and, with workers.sources: path, the models) must be readable where
-    the job runs. The run directory goes into the job's metadata (`evomerge jobs status` shows it)."""
-    args = ["search", str(config_path.resolve()), "--address", "auto"]
-    meta = {"command": "search", "config": str(config_path.resolve())}
-    if run_dir is not None:
-        args += ["--run-dir", str(run_dir.resolve())]
-        meta["run_dir"] = str(run_dir.resolve())
-    return _submit(address, args, meta)
-
-
-def submit_resume(address: str, job_id: str) -> tuple[str, str]:
-    """Submit `evomerge resume RUN_DIR --address auto` for the run of an ended job; (new job id, run dir)."""
-    info = job_info(address, job_id)
-    if info["status"] not in _TERMINAL:
-        raise JobError(f"job {job_id} is {info['status']}: stop it first (`evomerge jobs stop {job_id} "
-                       f"--address {address}`), then resume")
-    if not info["run_dir"]:
-        raise JobError(f"job {job_id} was not submitted by `evomerge submit` (no run directory in its "
-                       "metadata): run `evomerge resume RUN_DIR` where the run directory is")
-    meta = {"command": "resume", "run_dir": info["run_dir"], "resumes": job_id}
-    if info["config"]:
-        meta["config"] = info["config"]
-    return _submit(address, ["resume", info["run_dir"], "--address", "auto"], meta), info["run_dir"]
-
-
-def _details(d) -> dict:
-    meta = d.metadata or {}
-    status = getattr(d.status, "value", str(d.status))
-    return {"id": d.submission_id or d.job_id, "status": status, "message": d.message or "",
-            "run_dir": meta.get(f"{_META}run_dir", ""), "config": meta.get(f"{_META}config", ""),
-            "command": meta.get(f"{_META}command", ""), "entrypoint": d.entrypoint or "",
-            "start": (d.start_time or 0) / 1000 or None, "end": (d.end_time or 0) / 1000 or None,
-            "driver_node": d.driver_node_id or ""}
-
-
-def list_jobs(address: str) -> list[dict]:
-    """Every job the cluster knows, oldest first (id, status, run_dir, command, start, end, ...)."""
-    client = _client(address)
-    return sorted((_details(d) for d in _call(address, None, client.list_jobs)), key=lambda j: j["start"] or 0)
-
-
-def job_info(address: str, job_id: str) -> dict:
-    client = _client(address)
-    return _details(_call(address, job_id, client.get_job_info, job_id))
-
-
-def job_logs(address: str, job_id: str) -> str:
-    client = _client(address)
-    return _call(address, job_id, client.get_job_logs, job_id)
-
-
-def follow_job_logs(address: str, job_id: str) -> Iterator[str]:
-    """The job's logs as they come, until it ends."""
-    import asyncio
-
-    client = _client(address)
-    _call(address, job_id, client.get_job_info, job_id)  # an unknown id: one line, not a websocket error
-    chunks = client.tail_job_logs(job_id)
-
-    async def next_chunk() -> str | None:
-        try:
-            return await chunks.__anext__()
-        except StopAsyncIteration:  # the job ended
-            return None
-
-    loop = asyncio.new_event_loop()
-    try:
-        while (chunk := _call(address, job_id, loop.run_until_complete, next_chunk())) is not None:
-            yield chunk
-    finally:
-        loop.run_until_complete(chunks.aclose())
-        loop.close()
-
-
-def stop_job(address: str, job_id: str, wait_s: float = 60.0) -> dict:
-    """Ask the job to stop (SIGTERM to `evomerge search`, then SIGKILL; the run directory is consistent either
-    way: the ledger commits each evaluation, the checkpoint is replaced atomically), and wait up to `wait_s`
-    for it to end; returns its details."""
-    client = _client(address)
-    _call(address, job_id, client.stop_job, job_id)
-    deadline = time.monotonic() + wait_s
-    while (info := job_info(address, job_id))["status"] not in _TERMINAL and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return info
-
-
-__all__ = ["JobError", "RayPool", "WorkerStartError", "follow_job_logs", "job_info", "job_logs", "list_jobs",
-           "stop_job", "submit_resume", "submit_search"]
+__all__ = ["RayPool", "WorkerStartError"]

@@ -1,6 +1,6 @@
 """`evomerge jobs ...`: searches submitted to a Ray cluster (`evomerge submit`), through its job server.
 
-Commands only: parse, call (evomerge.search.workers, the module that talks to Ray), print. Errors (an
+Commands only: parse, call (evomerge.search.jobs, the module that talks to Ray's job server), print. Errors (an
 unreachable address, an unknown job id) are `JobError`s: one line, exit code 2.
 """
 
@@ -11,14 +11,16 @@ import json
 import sys
 import time
 
+from evomerge.cli.usage import UsageParser, help_when_bare
+
 
 def add_jobs_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add `jobs list|status|logs|stop|resume` to the `evomerge` parser (`sub`: its sub-parsers)."""
     jobs = sub.add_parser("jobs", parents=[common], help="list, follow, stop and resume searches submitted to a "
                           "Ray cluster", description="Searches submitted with `evomerge submit`, through the "
                           "cluster's job server (the dashboard address, e.g. http://127.0.0.1:8265).")
-    jobs.set_defaults(func=lambda args: jobs.print_help() or 2)
-    jobs_sub = jobs.add_subparsers(title="sub-commands", metavar="SUBCOMMAND", parser_class=type(jobs))
+    help_when_bare(jobs)
+    jobs_sub = jobs.add_subparsers(title="sub-commands", metavar="SUBCOMMAND", parser_class=UsageParser)
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
 
@@ -58,7 +60,7 @@ def _when(t: float | None) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from evomerge.search.workers import list_jobs
+    from evomerge.search.jobs import list_jobs
 
     jobs = list_jobs(args.address)
     if args.json:
@@ -76,7 +78,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from evomerge.search.workers import job_info
+    from evomerge.search.jobs import job_info
 
     info = job_info(args.address, args.job_id)
     if args.json:
@@ -102,7 +104,7 @@ def _print_run_dir(info: dict, address: str) -> None:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from evomerge.search.workers import follow_job_logs, job_logs
+    from evomerge.search.jobs import follow_job_logs, job_logs
 
     if not args.follow:
         sys.stdout.write(job_logs(args.address, args.job_id))
@@ -114,7 +116,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from evomerge.search.workers import stop_job
+    from evomerge.search.jobs import stop_job
 
     info = stop_job(args.address, args.job_id, wait_s=args.wait)
     print(f"job {info['id']}: {info['status']}")
@@ -123,7 +125,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.search.workers import submit_resume
+    from evomerge.search.jobs import submit_resume
 
     job_id, run_dir = submit_resume(args.address, args.job_id)
     print(f"resuming {run_dir} as job {job_id}", file=sys.stderr)

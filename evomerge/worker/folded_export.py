@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from evomerge.errors import IncompatibleModelsError
-from evomerge.merge.dfs import check_layer_compatible, layers_of, path_config
-from evomerge.merge.path import PathStep, cumulative_scales
+from evomerge.merge.layer_path import PathStep, cumulative_scales
+from evomerge.worker.routed import check_layer_compatible, layers_of, path_config
 
 # model_type -> the modules inside a decoder layer whose outputs are added to the residual stream.
 # Listed only where every norm is a scale-invariant pre-norm, so the folding is exact up to eps.
@@ -91,7 +91,7 @@ def export_path(
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write the path as a Hugging Face checkpoint directory (atomic; see io.save_checkpoint)."""
-    from evomerge.io import save_checkpoint
+    from evomerge.io.save import save_checkpoint
 
     check_layer_compatible({n: m.config for n, m in models.items()})
     a = next(iter(models.values()))

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import CalibrationConfig, ConfigError
-from evomerge.fitness.calibration import Calibration, fit_calibration
+from evomerge.fitness.calibration import Calibration
+from evomerge.fitness.calibration_fit import fit_calibration
 from evomerge.fitness.responses import Responses, read_responses
 from evomerge.merge.recipe import Recipe
 from evomerge.seeds import derive_seed
@@ -54,7 +55,7 @@ def score_references(
     progress: Callable[[int, int, str], None] = lambda done, total, name: None,
 ) -> dict[str, Responses]:
     """Full-task responses of each reference model: task -> Responses (rows = refs, columns = doc ids)."""
-    from evomerge.merge.ps import Materializer
+    from evomerge.worker.materializer import Materializer
 
     materializer = Materializer(paths, base, device=device)
     rows: dict[str, list[np.ndarray]] = {t: [] for t in scorer.tasks}

@@ -1,0 +1,134 @@
+"""`evomerge search`, `resume`, `submit` and `status`: start, continue, send to a cluster, and inspect a run.
+
+A search that ends writes its front plot (RUN_DIR/front.png); `status` only reads, unless asked to --plot.
+Library imports sit inside the commands, so `evomerge --help` loads no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evomerge.cli.pools import add_pool_options
+
+
+def add_search_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    search = sub.add_parser("search", parents=[common], help="run an evolutionary merge search from a run config",
+                            description="Validate the run config, create the run directory (atomically), and run "
+                            "the search to its budget, checkpointing after every generation.")
+    search.add_argument("config", type=Path, help="run config YAML")
+    search.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
+    add_pool_options(search)
+    search.set_defaults(func=cmd_search)
+
+
+def add_submit_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    submit = sub.add_parser("submit", parents=[common], help="submit a search as a Ray job to a cluster",
+                            description="Validate the run config here, then submit `evomerge search CONFIG` as a "
+                            "Ray job to the cluster whose job server (dashboard) is at --address; prints the job id.")
+    submit.add_argument("config", type=Path, help="run config YAML (paths readable where the job runs)")
+    submit.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
+    submit.set_defaults(func=cmd_submit)
+
+
+def add_resume_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    resume = sub.add_parser("resume", parents=[common], help="continue a search after a crash or a stop")
+    resume.add_argument("run_dir", type=Path, help="the run directory")
+    add_pool_options(resume)
+    resume.set_defaults(func=cmd_resume)
+
+
+def add_status_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    stat = sub.add_parser("status", parents=[common], help="generation, evaluations and the current front of a run")
+    stat.add_argument("run_dir", type=Path, help="the run directory")
+    stat.add_argument("--json", action="store_true", help="print JSON (generation, evaluations, front)")
+    stat.add_argument("--plot", nargs="?", const="", default=None, metavar="PATH",
+                      help="also write the front's plot (its first two objectives) as PNG to PATH (default: "
+                      "RUN_DIR/front.png)")
+    stat.set_defaults(func=cmd_status)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.search.session import create_run
+
+    run, prepared = create_run(args.config, args.run_dir)
+    print(f"run directory: {run.path}")
+    return _search_to_the_end(run, prepared, args)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.search.session import open_run
+
+    run, prepared = open_run(args.run_dir)
+    return _search_to_the_end(run, prepared, args)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from evomerge.config import RunConfig, load_config
+    from evomerge.search.jobs import submit_search
+    from evomerge.search.session import prepare
+
+    config = load_config(args.config, RunConfig)
+    prepare(config, args.config.resolve().parent, str(args.config))  # fail here, not in the job
+    run_dir = args.run_dir or Path(config.run_dir or f"runs/{config.name}")  # here, not the job's working dir
+    print(submit_search(args.config, args.address, run_dir))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from evomerge.search.plot import FRONT_PLOT, plot_front
+    from evomerge.search.session import open_run, status
+
+    run, prepared = open_run(args.run_dir)
+    state = status(run, prepared)
+    png = None
+    if args.plot is not None:
+        png = plot_front(state, Path(args.plot) if args.plot else run.path / FRONT_PLOT)  # `--plot` alone: ""
+        if png is None:
+            print("evomerge: no front plot: the front is empty or has a single objective", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**state, "plot": str(png) if png else None}, indent=1))
+    else:
+        _print_front(state, prepared, png)
+    return 0
+
+
+def _search_to_the_end(run, prepared, args: argparse.Namespace) -> int:
+    """Run the search to its budget on the chosen pool, write its front plot, print its front."""
+    from rich.console import Console
+
+    from evomerge.cli.pools import close_pool, make_pool
+    from evomerge.cli.progress import search_bars
+    from evomerge.search.plot import FRONT_PLOT, plot_front
+    from evomerge.search.session import drive, status
+
+    console = Console(stderr=True)
+    algorithm = prepared.config.algorithm
+    pool = make_pool(prepared, args, console)
+    try:
+        with search_bars(console, algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
+            drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
+    finally:
+        close_pool(pool)
+    state = status(run, prepared)
+    _print_front(state, prepared, plot_front(state, run.path / FRONT_PLOT))
+    return 0
+
+
+def _print_front(state: dict, prepared, png: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    names = [o.name for o in prepared.config.objectives]
+    table = Table(Column("id", no_wrap=True), *names, title=f"Pareto front: generation {state['generation']}/"
+                  f"{state['generations']}, {state['evaluations']['done']} evaluations "
+                  f"({state['evaluations']['failed']} failed)")
+    for item in state["front"]:
+        table.add_row(item["id"], *(f"{item['objectives'][n]:.4f}" for n in names))
+    Console().print(table)
+    if png:
+        print(f"front plot: {png}")

@@ -1,0 +1,137 @@
+"""`evomerge demo`'s sequence of stages (the stages themselves are in search_demo.py):
+
+    check the checkout -> kit -> calibration -> open the run -> search and hand recipes (unless finished)
+    -> export the front models not exported yet -> the held-out table (kept, or scored now) -> summary
+
+The caller supplies the display (a `DemoUI`: log lines and progress) and the worker pool (`make_pool`), so
+this module decides what runs and in which order, and nothing about how it is shown or where it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.demo import search_demo as stages
+
+if TYPE_CHECKING:
+    from evomerge.demo.kit import KitConfig
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.session import Prepared
+
+FRONT_DIR = "front"  # the exported front models, in the run directory
+
+
+class DemoUI:
+    """How the demo shows its progress. This one shows nothing; the CLI's draws bars and logs lines."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def calibrating(self) -> AbstractContextManager[Callable[[int, int, str], None]]:
+        """While the reference models are scored: yields calibrate()'s progress(done, total, name)."""
+        return nullcontext(lambda done, total, name: None)
+
+    def searching(self, generations: int, pop_size: int) -> AbstractContextManager[tuple[Callable, Callable]]:
+        """While the search runs: yields drive()'s (on_generation, on_result)."""
+        return nullcontext((lambda report: None, lambda record: None))
+
+    def waiting(self, message: str) -> AbstractContextManager:
+        """While work with no measure of progress runs (scoring hand recipes, the held-out table)."""
+        return nullcontext()
+
+
+@dataclass(frozen=True)
+class DemoInputs:
+    """What the demo reads: the repository's configs and kit cache; tests point them at a tiny kit."""
+
+    cache_dir: Path = stages.DEFAULT_CACHE
+    kit: KitConfig | None = None  # None: the demo's KitConfig()
+    run_config: Path = stages.DEMO_CONFIG
+    calibrate_config: Path = stages.CALIBRATE_CONFIG
+    tasks_dir: Path = stages.TASKS_DIR
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    run_dir: Path
+    rows: list[stages.Scored]  # the held-out table: specialists, best hand recipes, front models
+    summary: list[str]  # the comparisons, one line each
+
+    @property
+    def front_dir(self) -> Path:
+        return self.run_dir / FRONT_DIR
+
+
+def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: DemoUI | None = None,
+             inputs: DemoInputs = DemoInputs()) -> DemoResult:
+    """Run every stage not done yet (each is kept on disk) and return the table. `make_pool(prepared)` is
+    called only when candidates need scoring, so a finished demo starts no workers."""
+    from evomerge.demo.kit import build_demo_kit
+    from evomerge.search.session import status
+
+    ui = ui or DemoUI()
+    stages.check_checkout()
+    build_demo_kit(inputs.cache_dir, log=ui.log, config=inputs.kit)
+    with ui.calibrating() as progress:
+        stages.ensure_calibration(ui.log, progress, inputs.calibrate_config)
+    run, prepared = stages.open_demo_run(run_dir or stages.DEFAULT_RUN_DIR, inputs.run_config)
+    ui.log(f"run directory: {run.path}")
+    if _finished(run, prepared):  # no workers: the hand-recipe scores are read back from the run directory
+        ui.log("search and hand recipes: finished, read from the run directory")
+        hand = stages.score_hand_recipes(prepared, None, run.path, ui.log)
+    else:
+        hand = _search_and_hand_recipes(run, prepared, make_pool, ui)
+    front = status(run, prepared)["front"]
+    exported = _export_front(run.path, front, ui.log)
+    rows = stages.cached_table(run.path, front)
+    if rows is None:
+        with ui.waiting("scoring on the held-out test splits"):
+            rows = stages.held_out_table(prepared, run.path, hand, front, exported, ui.log, inputs.tasks_dir)
+    return DemoResult(run.path, rows, stages.summary(rows))
+
+
+def _finished(run: RunDir, prepared: Prepared) -> bool:
+    from evomerge.search.session import status
+
+    state = status(run, prepared)
+    return state["generation"] >= state["generations"] and (run.path / stages.HAND_FILE).is_file()
+
+
+def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: DemoUI) -> dict:
+    """Search to the budget (resumed if interrupted), plot its front, then score the hand recipes on the same
+    workers, exactly as candidates are scored."""
+    from evomerge.search.plot import FRONT_PLOT, plot_front
+    from evomerge.search.session import drive, status
+
+    algorithm = prepared.config.algorithm
+    with _closed_after(make_pool(prepared)) as pool:
+        with ui.searching(algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
+            drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
+        png = plot_front(status(run, prepared), run.path / FRONT_PLOT)
+        if png:
+            ui.log(f"front plot: {png}")
+        with ui.waiting("scoring hand recipes (a grid of task_arithmetic and ties) on the search split"):
+            return stages.score_hand_recipes(prepared, pool, run.path, ui.log)
+
+
+def _export_front(run_path: Path, front: list[dict], log) -> dict[str, Path]:
+    """candidate id -> its export in RUN_DIR/front/, exporting those not there yet."""
+    from evomerge.export import export_run
+
+    front_dir = run_path / FRONT_DIR
+    todo = [f["id"] for f in front if not (front_dir / f["id"]).is_dir()]  # an export appears whole or not at all
+    if todo:
+        export_run(run_path, front_dir, ids=todo, force=True, log=log)
+    return {f["id"]: front_dir / f["id"] for f in front}
+
+
+@contextmanager
+def _closed_after(pool) -> Iterator:
+    try:
+        yield pool
+    finally:
+        getattr(pool, "close", lambda: None)()  # Ray's pool stops its workers; the in-process one has none

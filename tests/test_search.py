@@ -97,6 +97,10 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     ({"search_space": "ps_no_such_preset"}, "search_space"),
     ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 0}}}, "layer_groups"),
     ({"objectives": [{"task": "t_add"}], "algorithm": {"name": "ga", "pop_size": 1}}, "algorithm.pop_size"),
+    # names checked against their registries, with did-you-mean (a typo once ended in a KeyError traceback)
+    ({"fitness": {"calibration": "calibration.json", "task_paths": ["tasks"], "estimator": "gpirtt"}},
+     "fitness.estimator': unknown estimator 'gpirtt': did you mean 'gpirt'"),
+    ({"algorithm": {"name": "nsga22"}}, "algorithm.name': unknown algorithm 'nsga22': did you mean 'nsga2'"),
     # checks against the files the config names (evomerge.search.preflight)
     ({"objectives": [{"task": "t_add"}, {"task": "t_never_calibrated"}]}, "objectives: task 't_never_calibrated'"),
     ({"fitness": {"calibration": "calibration.json", "tasks": ["t_add", "t_nope"], "task_paths": ["tasks"]},

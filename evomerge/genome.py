@@ -1,8 +1,8 @@
 """Search spaces and genomes: a real vector x in [0, 1]^n decodes, purely and deterministically, to a recipe.
 
-The driver (pymoo asks for x) and the workers (which materialize the recipe) share this module, so it
-imports neither torch nor ray: a decoded recipe is a plain dict, the YAML document that
-`Recipe.from_mergekit` (parameter space) or `parse_dataflow` (data flow, hybrid) reads.
+Only the driver decodes (pymoo asks for x; workers receive the recipe), so this module imports neither torch
+nor ray: a decoded recipe is a plain dict, the YAML document that `Recipe.from_mergekit` (parameter space) or
+`parse_dataflow` (data flow, hybrid) reads.
 
 Gene semantics (the whole contract, tested in tests/test_genome.py):
 - a range gene maps x -> lo + x * (hi - lo) (weights, densities, merge-wide parameters, DFS scales);

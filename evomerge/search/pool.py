@@ -1,13 +1,15 @@
-"""Ray worker pool: long-lived actors, each holding one Evaluator (the only module of evomerge that imports Ray).
+"""Ray worker pool: long-lived actors, each holding one Evaluator (with jobs.py, the only modules that import Ray).
 
-Use it wherever a `LocalPool` goes (the pool interface is `pool.evaluate(candidates) -> Iterable[EvalResult]`):
+Use it wherever a `LocalPool` goes (the pool interface is `pool.evaluate(candidates) -> Iterable[EvalResult]`).
+The caller passes the worker side's Evaluator class, so this module (driver side) never imports torch:
 
-    from evomerge.search.session import drive
     from evomerge.search.pool import RayPool
+    from evomerge.search.session import drive
+    from evomerge.worker.evaluator import Evaluator
 
-    with RayPool(prepared) as pool:                      # a private Ray on this machine, loopback only
+    with RayPool(prepared, Evaluator) as pool:                  # a private Ray on this machine, loopback only
         drive(run, prepared, pool)
-    with RayPool(prepared, address="auto") as pool:      # join a running cluster (`ray start --head` ...)
+    with RayPool(prepared, Evaluator, address="auto") as pool:  # join a running cluster (`ray start --head` ...)
         drive(run, prepared, pool)
 
 Workers: `config.workers.count` actors (default: one per GPU of the cluster, else max(1, CPUs // 2)), each

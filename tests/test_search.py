@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,6 +28,11 @@ def workspace(tmp_path_factory):
     tokenizer = root / "models" / "tokenizer"
     save_model(random_model(TinySpec(hidden=48), seed=0), root / "models" / "wide", tokenizer)
     save_model(random_model(TinySpec(intermediate=96), seed=0), root / "models" / "fat", tokenizer)
+    import torch
+
+    pickled, pickled_dir = random_model(TinySpec(), seed=0), root / "models" / "pickled"
+    pickled.config.save_pretrained(pickled_dir)  # weights only as pytorch_model.bin (transformers writes safetensors)
+    torch.save(pickled.state_dict(), pickled_dir / "pytorch_model.bin")
     return root
 
 
@@ -110,6 +116,8 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
      "sources.models.b: hidden size 48"),
     ({"sources": {"models": {"a": "models/source_0", "b": "models/fat"}, "base_model": "models/base"}},
      "sources.models.b: tensor model.layers.0.mlp"),
+    ({"sources": {"models": {"a": "models/source_0", "b": "models/pickled"}, "base_model": "models/base"}},
+     "holds only pickled weights (pytorch_model.bin), which a search never loads"),
     ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"weight": [0.5, 0.5], "params": {"lambda": [1, 1]}}}},
      "search_space: every genome decodes to the same recipe"),
 ])
@@ -200,3 +208,64 @@ def test_status_front_keeps_only_paths_within_the_limit(tmp_path):
     front = status(run, Prepared(config, tmp_path, None, {}))["front"]
     # without the limit the 8-layer path (t1 0.9) would be on the front too; it is infeasible, so it is not
     assert [f["objectives"] for f in front] == [{"t1": 0.5, "t2": 0.5}]
+
+
+class _Payload:
+    """Unpickling this creates the file it names: proof that someone unpickled it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_in_a_run_directory_is_never_unpickled(workspace, tmp_path, capsys):
+    """A run directory may come from someone else: status, resume and export read only JSON and SQLite (resume
+    replays the seeded search against the ledger), so a pickle planted where v1 kept its checkpoint never runs."""
+    import pickle
+
+    run_dir = tmp_path / "foreign"
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(run_dir), "--in-process"]) == 0
+    before = _front(run_dir)
+    marker = tmp_path / "pwned"
+    for name in ("algorithm.pkl", "checkpoint.pkl", "front.pkl"):
+        (run_dir / name).write_bytes(pickle.dumps(_Payload(str(marker))) * 2)
+    assert main(["status", str(run_dir), "--json"]) == 0
+    assert main(["resume", str(run_dir), "--in-process"]) == 0
+    first = before["front"][0]["id"]
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "out"), "--ids", first]) == 0
+    assert not marker.exists()
+    assert _front(run_dir) == before  # resumed from the ledger alone: nothing changed
+
+
+@pytest.mark.slow
+def test_resume_refuses_an_edited_config_snapshot_and_changes_nothing(workspace, tmp_path, capsys):
+    """A run's genomes, seeds and ledger mean something only under the config it started with: an edited
+    snapshot (once recorded 148 evaluations as failed, or silently ran nothing) is a one-line error naming it."""
+    import shutil
+
+    finished = tmp_path / "finished"
+    assert main(["search", str(workspace / "run.yaml"), "--run-dir", str(finished), "--in-process"]) == 0
+    edits = {
+        "layer_groups": lambda text: text.replace("layer_groups: 2", "layer_groups: 4"),
+        "generations": lambda text: text.replace("generations: 3", "generations: 5"),
+        "seed": lambda text: text.replace("\nseed: 7", "\nseed: 8"),
+        "not yaml": lambda text: text + "\n  - [unclosed\n",
+    }
+    capsys.readouterr()
+    for name, edit in edits.items():
+        run_dir = tmp_path / name
+        shutil.copytree(finished, run_dir)
+        config = run_dir / "config.yaml"
+        edited = edit(config.read_text())
+        assert edited != config.read_text(), name
+        config.write_text(edited)
+        ledger = (run_dir / "ledger.sqlite").read_bytes()
+        for command in (["resume", str(run_dir), "--in-process"], ["status", str(run_dir)]):
+            assert main(command) == 2, (name, command)
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and str(config) in lines[0] and "edited after the run was created" in lines[0], lines
+            assert f"evomerge search {config} --run-dir" in lines[0]  # how to start a new run from it
+        assert (run_dir / "ledger.sqlite").read_bytes() == ledger

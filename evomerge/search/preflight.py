@@ -26,6 +26,14 @@ def check_source_dirs(models: Mapping[str, Path], where: str) -> None:
     for field, path in models.items():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{where}: {field}: {path} is not a model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt")))
+            if pickled:  # a search never unpickles weights (that can run code); `evomerge merge` converts them
+                raise ConfigError(
+                    f"{where}: {field}: {path} holds only pickled weights ({pickled[0]}), which a search never "
+                    "loads: convert them once to safetensors, e.g. `evomerge merge` a linear recipe of this one "
+                    "model (weight 1) with --allow-pickle, and use the output")
+            raise ConfigError(f"{where}: {field}: {path} holds no weights (no *.safetensors file)")
 
 
 def check_calibration(config: RunConfig, path: Path, where: str) -> None:

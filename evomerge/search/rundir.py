@@ -3,33 +3,35 @@
 Layout (all names fixed):
 
     RUN_DIR/
-      run.json          marker: format version, evomerge version, creation time (what makes this a run dir)
-      config.yaml       the run config exactly as given (snapshot; the run never re-reads the user's file)
+      run.json          marker: format version, evomerge version, creation time, the config's SHA-256
+      config.yaml       the run config as validated (snapshot; the run never re-reads the user's file, and refuses
+                        a snapshot edited since: see config_text)
       calibration.json  copy of the IRT calibration the objectives are estimated with (if any)
       ledger.sqlite     every evaluation (see ledger.py); -wal/-shm files next to it while open
-      algorithm.pkl     the optimizer state after the last tell (pickle; replaced atomically)
       run.lock          flock'ed by the driver that owns the run (released by the kernel if it dies)
       logs/             driver and worker logs
 
 `RunDir.create` builds the directory in a hidden temporary sibling and renames it into place, so a
 failure (or a bad config found late) leaves no run directory behind, and an existing one is never
 touched. `RunDir.open` is for resume, status and export.
+
+Nothing here is a pickle, and nothing is ever unpickled: a run directory may come from someone else. The
+optimizer's state is not stored at all; `resume` rebuilds it by replaying the seeded ask/tell loop against the
+ledger (see session.drive). Run directories of earlier versions hold an algorithm.pkl: it is ignored.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
-import pickle
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,6 @@ MARKER = "run.json"
 CONFIG = "config.yaml"
 CALIBRATION = "calibration.json"
 LEDGER = "ledger.sqlite"
-ALGORITHM = "algorithm.pkl"
 LOCK = "run.lock"
 LOGS = "logs"
 
@@ -82,11 +83,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _pymoo_version() -> str | None:
-    try:
-        return metadata.version("pymoo")
-    except metadata.PackageNotFoundError:
-        return None
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class RunDir:
@@ -112,10 +110,6 @@ class RunDir:
         return self.path / LEDGER
 
     @property
-    def algorithm_path(self) -> Path:
-        return self.path / ALGORITHM
-
-    @property
     def logs_dir(self) -> Path:
         return self.path / LOGS
 
@@ -124,7 +118,16 @@ class RunDir:
         return self.path / LOCK
 
     def config_text(self) -> str:
-        return self.config_path.read_text(encoding="utf-8")
+        """The config snapshot, checked against the digest recorded when the run was created: a run's config is
+        fixed (its genomes, seeds and ledger mean something only under it)."""
+        text = self.config_path.read_text(encoding="utf-8")
+        recorded = self.info().get("config_sha256")  # None in run directories of earlier versions
+        if recorded is not None and _sha256(text) != recorded:
+            raise RunDirError(
+                f"{self.config_path}: edited after the run was created (it no longer matches the digest in "
+                f"{MARKER}); a run keeps the config it started with: undo the edit, or start a new run from the "
+                f"edited config with `evomerge search {self.config_path} --run-dir NEW_DIR`")
+        return text
 
     def info(self) -> dict[str, Any]:
         """The contents of run.json (format, evomerge version, created)."""
@@ -166,7 +169,8 @@ class RunDir:
                 shutil.copyfile(calibration, tmp / CALIBRATION)
             (tmp / LOGS).mkdir()
             Ledger.open(tmp / LEDGER, create=True).close()
-            marker = {"format": RUN_FORMAT, "evomerge": __version__, "created": time.time()}
+            marker = {"format": RUN_FORMAT, "evomerge": __version__, "created": time.time(),
+                      "config_sha256": _sha256(config_text)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
             for f in tmp.iterdir():
                 if f.is_file():
@@ -260,56 +264,6 @@ class RunDir:
             yield self
         finally:
             self.release_lock()
-
-    # ---- algorithm checkpoint ------------------------------------------------------------------
-
-    def save_algorithm(self, algorithm: Any, **meta: Any) -> None:
-        """Checkpoint the optimizer (e.g. a pymoo algorithm after tell) atomically.
-
-        The file holds two pickles: a small header (format, versions, time, `meta` such as the generation)
-        and the object. After a crash the file is the previous checkpoint or this one, never a mix.
-        """
-        header = {
-            "format": 1,
-            "evomerge": __version__,
-            "pymoo": _pymoo_version(),
-            "python": sys.version.split()[0],
-            "saved": time.time(),
-            **meta,
-        }
-        data = pickle.dumps(header, protocol=5) + pickle.dumps(algorithm, protocol=5)
-        write_atomic(self.algorithm_path, data)
-        # Temp files of writers killed mid-write (we hold the lock, so none of them is live).
-        for stale in self.path.glob(f".{ALGORITHM}.tmp-*"):
-            stale.unlink(missing_ok=True)
-
-    def load_algorithm_header(self) -> dict[str, Any] | None:
-        """The header of the checkpoint (without unpickling the optimizer), or None if there is none."""
-        if not self.algorithm_path.exists():
-            return None
-        with open(self.algorithm_path, "rb") as f:
-            return pickle.load(f)
-
-    def load_algorithm(self) -> Any | None:
-        """The checkpointed optimizer, or None if the run has not finished a generation yet.
-
-        The file is a pickle this project wrote into the run directory; only open run directories you trust.
-        """
-        if not self.algorithm_path.exists():
-            return None
-        with open(self.algorithm_path, "rb") as f:
-            try:
-                header = pickle.load(f)
-            except Exception as e:
-                raise RunDirError(f"{self.algorithm_path}: unreadable checkpoint header ({e})") from e
-            try:
-                return pickle.load(f)
-            except Exception as e:
-                raise RunDirError(
-                    f"{self.algorithm_path}: cannot load the optimizer ({type(e).__name__}: {e}); it was saved with "
-                    f"pymoo {header.get('pymoo')} and Python {header.get('python')}, this environment has pymoo "
-                    f"{_pymoo_version()} and Python {sys.version.split()[0]}: install those versions to resume"
-                ) from e
 
     def log_path(self, name: str) -> Path:
         """A file under logs/ (the directory is created with the run)."""

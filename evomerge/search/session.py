@@ -6,8 +6,6 @@ worker side's `LocalPool` (one in-process Evaluator) or `search.pool.RayPool` (R
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ from evomerge.io.documents import layer_count, read_model_config
 from evomerge.search.driver import generations, new_algorithm, objectives_of, run_generation
 from evomerge.search.ledger import Record, pareto_front
 from evomerge.search.rundir import RunDir
+
+GENERATIONS_DONE = "generations_done"  # ledger meta: generations told to the algorithm, for status
 
 
 @dataclass
@@ -83,31 +83,32 @@ def _absolute(config: RunConfig, here: Path) -> RunConfig:
 
 def open_run(run_dir: Path) -> tuple[RunDir, Prepared]:
     run = RunDir.open(run_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        snapshot = Path(tmp) / "config.yaml"
-        shutil.copyfile(run.path / "config.yaml", snapshot)
-        config = load_config(snapshot, RunConfig)
+    run.config_text()  # refuses a snapshot edited since the run was created
+    config = load_config(run.config_path, RunConfig)  # errors name the run's config.yaml
     if run.calibration_path is not None:  # the run's own copy: the user's file may have changed since
         doc = config.model_dump(mode="json")
         doc["fitness"]["calibration"] = str(run.calibration_path.resolve())
         config = RunConfig.model_validate(doc)
-    return run, prepare(config, run.path.resolve(), str(run.path / "config.yaml"))
+    return run, prepare(config, run.path.resolve(), str(run.config_path))
 
 
 def drive(run: RunDir, prepared: Prepared, pool, *, on_generation: Callable = lambda report: None,
           on_result: Callable[[Record], None] = lambda rec: None) -> None:
-    """Run (or continue) the search to its budget, checkpointing after every generation."""
+    """Run (or continue) the search to its budget.
+
+    The algorithm is always built afresh and replayed: pymoo is seeded, candidate keys hold the exact genome, so
+    a generation whose candidates the ledger has finished is told their ledgered results again without any
+    evaluation, and the run continues where it stopped with the state an uninterrupted run would have. No
+    optimizer state is stored, so none is ever unpickled from a run directory."""
     with run.locked(), run.open_ledger() as ledger:
-        algorithm = run.load_algorithm()
-        start = 0
-        if algorithm is None:
-            seeds = prepared.space.initial(prepared.layer_counts)
-            algorithm = new_algorithm(prepared.config, prepared.space.dim(prepared.layer_counts), seeds)
-        else:
-            start = int(run.load_algorithm_header().get("generation", 0))
-        for g in generations(algorithm, start):
+        done = int(ledger.get_meta(GENERATIONS_DONE, 0))
+        seeds = prepared.space.initial(prepared.layer_counts)
+        algorithm = new_algorithm(prepared.config, prepared.space.dim(prepared.layer_counts), seeds)
+        for g in generations(algorithm, 0):
             report = run_generation(algorithm, g, ledger, pool, prepared.config, prepared.decode, on_result)
-            run.save_algorithm(algorithm, generation=g + 1)
+            if g + 1 > done:
+                done = g + 1
+                ledger.set_meta(GENERATIONS_DONE, done)
             on_generation(report)
 
 
@@ -119,10 +120,10 @@ def status(run: RunDir, prepared: Prepared) -> dict:
         limit = prepared.config.max_path_length
         feasible = [r for r in ledger.all("ok") if limit is None or (r.extra or {}).get("path_length", 0) <= limit]
         front = pareto_front(feasible, {o.name: "min" for o in objectives})
-        header = run.load_algorithm_header() or {}
+        done = int(ledger.get_meta(GENERATIONS_DONE, 0))
     show = lambda o, v: -v if o.task is not None else v
     return {
-        "generation": int(header.get("generation", 0)),
+        "generation": done,
         "generations": prepared.config.algorithm.generations,
         "evaluations": {"done": counts.get("ok", 0) + counts.get("failed", 0), "failed": counts.get("failed", 0)},
         "front": [{"id": r.key, "objectives": {o.name: show(o, r.objectives[o.name]) for o in objectives}}

@@ -108,12 +108,13 @@ def _search_to_the_end(run, prepared, args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     algorithm = prepared.config.algorithm
-    pool = make_pool(prepared, args, console)
-    try:
-        with search_bars(console, algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
-            drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
-    finally:
-        close_pool(pool)
+    if status(run, prepared)["generation"] < algorithm.generations:  # a finished run starts no workers
+        pool = make_pool(prepared, args, console)
+        try:
+            with search_bars(console, algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
+                drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
+        finally:
+            close_pool(pool)
     state = status(run, prepared)
     _print_front(state, prepared, plot_front(state, run.path / FRONT_PLOT))
     return 0

@@ -211,3 +211,31 @@ def test_status_only_reads_unless_asked_to_plot(tmp_path, capsys):
     elsewhere.parent.mkdir()
     assert status("--plot", str(elsewhere))["plot"] == str(elsewhere) and elsewhere.stat().st_size > 1000
 
+
+
+def test_a_nan_in_a_source_is_refused_and_named_unless_allowed(llama, tmp_path):
+    """Once written into the output without a word; now named (tensor, model, file, count) before any file is
+    written, and written only with --allow-nonfinite."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(llama.sources[1], poisoned)
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = next(f for f in sorted(poisoned.glob("*.safetensors")) if name in load_file(f))
+    tensors = load_file(shard)
+    tensors[name][0, :3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    doc = {"merge_method": "linear", "models": [{"model": str(llama.sources[0]), "parameters": {"weight": 0.5}},
+                                                {"model": str(poisoned), "parameters": {"weight": 0.5}}]}
+    recipe = write_recipe(tmp_path / "r.yml", doc)
+    out = run("merge", recipe, "--out", tmp_path / "refused")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"tensor {name} holds 3 NaN/inf values" in lines[-1] and f"{poisoned} ({shard.name}: 3 non-finite)" in lines[-1]
+    assert "--allow-nonfinite" in lines[-1] and not (tmp_path / "refused").exists()
+    allowed = run("merge", recipe, "--out", tmp_path / "allowed", "--allow-nonfinite")
+    assert allowed.returncode == 0, allowed.stderr
+    merged = {k: v for f in (tmp_path / "allowed").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert int(merged[name].isnan().sum()) == 3

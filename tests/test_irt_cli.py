@@ -140,3 +140,16 @@ def test_estimate_calibration_of_another_version(data, fitted, tmp_path):
     new = write_csv(tmp_path / "new.csv", ["n"], ["q1"], np.array([[1.0]]))
     one_line_error(run("estimate", "--calibration", tmp_path / "old.json", "--responses", new),
                    "old.json", "version 0", "refit")
+
+
+def test_a_degenerate_fit_warns_on_the_command_line_and_in_the_file(data, fitted, tmp_path):
+    zeros = write_csv(tmp_path / "zeros.csv", [f"m{i}" for i in range(8)], [f"q{i}" for i in range(30)],
+                      np.zeros((8, 30)))
+    out = tmp_path / "zeros.json"
+    proc = run("fit", "--responses", zeros, "--out", out, "--anchors", 5, "--dims", 1, "--task", "z")
+    assert proc.returncode == 0, proc.stderr  # written, since the file may still be inspected, but flagged
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("evomerge: warning: task z:")]
+    assert any("every answer is wrong" in w for w in warnings), proc.stderr
+    assert any("every answer is wrong" in w for w in json.loads(out.read_text())["tasks"]["z"]["diagnostics"]["warnings"])
+    # a healthy fit (the module's calibration) carries no such warning
+    assert not any("every answer" in w for w in json.loads(fitted.read_text())["tasks"]["demo"]["diagnostics"]["warnings"])

@@ -102,6 +102,8 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     ({"fitness": {"calibration": "missing.json"}}, "fitness.calibration"),
     ({"search_space": "ps_no_such_preset"}, "search_space"),
     ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 0}}}, "layer_groups"),
+    ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"layer_groups": 9}}},
+     "search_space: layer_groups 9 is more than the 4 layers: lower it"),  # the reason, not "decodes the same"
     ({"objectives": [{"task": "t_add"}], "algorithm": {"name": "ga", "pop_size": 1}}, "algorithm.pop_size"),
     # names checked against their registries, with did-you-mean (a typo once ended in a KeyError traceback)
     ({"fitness": {"calibration": "calibration.json", "task_paths": ["tasks"], "estimator": "gpirtt"}},

@@ -6,6 +6,7 @@ Library imports sit inside the commands, so `evomerge --help` loads no torch.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -85,13 +86,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"task {name}: {len(r.models)} models x {len(r.items)} items, IRT dimension {t.diagnostics['dims']}, "
               f"{len(t.anchors)} anchors, accuracy {r.accuracy().min():.2f}-{r.accuracy().max():.2f}")
     print(f"wrote {out} and {responses_dir}/ in {time.perf_counter() - start:.1f} s")
+    _print_warnings(calibration)
     return 0
 
 
 def cmd_irt_fit(args: argparse.Namespace) -> int:
     from evomerge.fitness.calibration_fit import fit_calibration
     from evomerge.fitness.responses import read_responses
+    from evomerge.io.paths import check_writable
 
+    check_writable(args.out, "--out")  # before the fit, not after it
     try:
         dims = None if args.dims is None else [int(d) for d in args.dims.split(",")]
     except ValueError:
@@ -109,6 +113,7 @@ def cmd_irt_fit(args: argparse.Namespace) -> int:
               f"{len(t.anchors)} anchors ({args.method}), gp-IRT lambda {t.lambdas['gpirt']:.3f}, "
               f"gmp-IRT lambda {t.lambdas['gmpirt']:.3f}")
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    _print_warnings(calibration)
     return 0
 
 
@@ -157,3 +162,10 @@ def _print_estimates(records: list[dict]) -> None:
         table.add_row(r["task"], r["model"], str(r["items_seen"]), *(f"{r['estimates'].get(n, float('nan')):.4f}"
                                                                        for n in names))
     Console().print(table)
+
+
+def _print_warnings(calibration) -> None:
+    """A fit that cannot be trusted says so (the file keeps the same words under diagnostics.warnings)."""
+    for name, t in calibration.tasks.items():
+        for warning in t.diagnostics.get("warnings", []):
+            print(f"evomerge: warning: task {name}: {warning}", file=sys.stderr)

@@ -27,6 +27,8 @@ def add_merge_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*, della*) (default: 0)")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="read pickled .bin weights (torch.load weights_only=True)")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="write NaN/inf weights instead of refusing them (refused by default, naming the tensor)")
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     merge.set_defaults(func=cmd_merge)
 
@@ -42,7 +44,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = merge_from_yaml(
         args.recipe, args.out, device=args.device, shard_size=args.shard_size, seed=args.seed,
-        allow_pickle=args.allow_pickle, force=args.force, log=lambda msg: print(msg, file=sys.stderr),
+        allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite, force=args.force,
+        log=lambda msg: print(msg, file=sys.stderr),
     )
     print(f"wrote {result.out} ({result.n_tensors} tensors, {result.nbytes / 2**20:.1f} MiB, "
           f"{result.n_shards} shard(s)) in {time.perf_counter() - start:.1f} s")

@@ -140,13 +140,32 @@ def fit_task(task: str, resp: Responses, *, n_anchors: int, seed: int, anchor_me
         "heldout_errors": {f"a_sd={s:g},D={d}": {k: round(e, 5) for k, e in errs.items()}
                            for (s, d), errs in errors.items()},
         "anchor_variance": round(float(v), 7), "fit_iterations": fit.iterations, "fit_converged": fit.converged,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2), "warnings": degenerate_fit_warnings(y, fit.converged, n_val),
     }
     log.info("task %s: %d models x %d items, D=%d, lambdas %s, %.1f s", task, m, len(resp.items), chosen,
              lambdas, seconds)
     return TaskCalibration(name=task, item_ids=list(resp.items), items=fit.items, anchors=anchors.index,
                            weights=anchors.weights, lambdas=lambdas, sources=source_theta, seed=seed,
                            diagnostics=diagnostics)
+
+
+def degenerate_fit_warnings(y: np.ndarray, converged: bool, heldout: int) -> list[str]:
+    """Why this task's IRT fit cannot be trusted, if it cannot: answers that tell models or items apart carry
+    the fit; without them the estimates are the prior's."""
+    seen = y[~np.isnan(y)]
+    warnings = []
+    if seen.size and (seen.min() == seen.max()):
+        warnings.append(f"every answer is {'right' if seen[0] else 'wrong'}: the responses tell no model or item "
+                        "apart, so the estimates are the prior's (calibrate with models that differ on this task)")
+    else:
+        rates = np.nanmean(y, axis=1)
+        if np.allclose(rates, rates[0]):
+            warnings.append("every model has the same accuracy: abilities cannot be told apart")
+    if not converged:
+        warnings.append("the IRT fit did not converge: its item parameters are uncertain")
+    if heldout == 0:
+        warnings.append("too few models to hold any out: IRT dimension and mixing weights are defaults, not chosen")
+    return warnings
 
 
 def _validate(task: str, resp: Responses, n_anchors: int, sources: list[str]) -> None:

@@ -20,6 +20,7 @@ from evomerge.config import CalibrationConfig, ConfigError
 from evomerge.fitness.calibration import Calibration
 from evomerge.fitness.calibration_fit import fit_calibration
 from evomerge.fitness.responses import Responses, read_responses
+from evomerge.io.paths import check_writable
 from evomerge.merge.recipe import Recipe
 from evomerge.seeds import derive_seed
 
@@ -118,6 +119,7 @@ def calibration_outputs(config: CalibrationConfig, config_path: Path, *, force: 
         raise ConfigError(f"{config_path}: out {out} exists: choose another out or pass --force to replace it")
     if out.suffix != ".json":
         raise ConfigError(f"{config_path}: field 'out' {config.out!r} must name a .json file")
+    check_writable(out, f"{config_path}: out")
     return out, out.with_suffix(".responses")
 
 

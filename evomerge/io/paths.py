@@ -1,11 +1,13 @@
-"""Find model directories named in recipes: local folders, else the local Hugging Face cache (offline)."""
+"""Paths users name: model directories in recipes (local folders, else the local Hugging Face cache, offline),
+files in configs, and outputs checked before any work."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
-from evomerge.errors import CheckpointError
+from evomerge.errors import CheckpointError, EvomergeError
 
 
 def resolve_model(ref: str, search_dirs: Sequence[Path], where: str) -> Path:
@@ -47,3 +49,16 @@ def find_path(ref: str, search_dirs: Sequence[Path]) -> Path:
         if (d / path).exists():
             return d / path
     return search_dirs[0] / path
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, an output `path` that cannot be created: one of its existing ancestors is a file,
+    or the nearest existing one is a folder this process cannot write into."""
+    path = Path(path).expanduser().absolute()
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EvomergeError(f"{what} {path}: {ancestor} is a file, not a folder: choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EvomergeError(f"{what} {path}: {ancestor} is not writable: choose another path or fix its permissions")

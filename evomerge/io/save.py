@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from evomerge.errors import EvomergeError
 from evomerge.io.checkpoint import SAFETENSORS_INDEX
+from evomerge.io.paths import check_writable
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
@@ -44,6 +45,7 @@ def prepare_output_dir(out: Path, *, force: bool) -> None:
         raise EvomergeError(f"output {out} exists and is a file: choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise EvomergeError(f"output directory {out} exists and is not empty: choose another --out or pass --force")
+    check_writable(out, "output")
 
 
 def save_checkpoint(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import ConfigError, RunConfig
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, GenomeError, SearchSpaceError
 from evomerge.io.documents import read_model_config
 from evomerge.io.headers import inventory
 
@@ -97,7 +97,10 @@ def check_space_searchable(space, layer_counts: Mapping[str, int], where: str) -
     n = space.dim(layer_counts)
     if n:
         x0 = np.asarray(space.initial(layer_counts)[0], dtype=float)
-        ref = _recipe(space, x0, layer_counts)
+        try:  # a space that does not fit the sources says why here (e.g. more layer groups than layers)
+            ref = _recipe(space, x0, layer_counts)
+        except SearchSpaceError as e:
+            raise ConfigError(f"{where}: search_space: {e}") from None
         for i in range(n):
             for v in (0.0, 1.0):
                 x = x0.copy()
@@ -112,7 +115,7 @@ def check_space_searchable(space, layer_counts: Mapping[str, int], where: str) -
 def _recipe(space, x: np.ndarray, layer_counts: Mapping[str, int]) -> str | None:
     try:
         return json.dumps(space.decode(x, layer_counts), sort_keys=True)
-    except EvomergeError:
+    except GenomeError:  # this genome decodes to no recipe (an empty path, say): the space itself is fine
         return None
 
 

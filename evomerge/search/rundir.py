@@ -37,6 +37,7 @@ from typing import Any
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
+from evomerge.io.paths import check_writable
 from evomerge.search.ledger import Ledger
 
 RUN_FORMAT = 1
@@ -145,6 +146,7 @@ class RunDir:
         above it for the purpose are removed again.
         """
         path = Path(path).absolute()
+        check_writable(path, "run directory")
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             raise RunDirError(
                 f"{path}: already exists; resume it with `evomerge resume {path}`, "

@@ -40,13 +40,14 @@ def merge_from_yaml(
     shard_size: str | int = "5GB",
     seed: int = 0,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     force: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> MergeResult:
     data = read_yaml(recipe_path, RecipeError, "recipe file")
     if is_dataflow(data):
         return _merge_dataflow(data, recipe_path, out, device=device, shard_size=shard_size, seed=seed,
-                               allow_pickle=allow_pickle, force=force, log=log)
+                               allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, force=force, log=log)
     recipe = Recipe.from_mergekit(data, where=str(recipe_path))
     shard_bytes = parse_size(shard_size)
     check_device(device)
@@ -64,6 +65,8 @@ def merge_from_yaml(
     start = time.perf_counter()
     tensors = list(materializer.merged_tensors(recipe, seed=seed).items())
     log(f"merged with {recipe.method} in {time.perf_counter() - start:.2f} s")
+    if not allow_nonfinite:
+        _refuse_nonfinite(tensors, paths, str(recipe_path), allow_pickle)
 
     write_ps_checkpoint(out, tensors, recipe, {**paths, recipe.tokenizer_model(): tokenizer_dir},
                         dtype=materializer.model_dtype, max_shard_bytes=shard_bytes, force=force)
@@ -79,7 +82,8 @@ def _result(out: Path) -> MergeResult:
 
 
 def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, shard_size: str | int, seed: int,
-                    allow_pickle: bool, force: bool, log: Callable[[str], None]) -> MergeResult:
+                    allow_pickle: bool, allow_nonfinite: bool, force: bool,
+                    log: Callable[[str], None]) -> MergeResult:
     """A data-flow or hybrid recipe: load the pool, fold the path's scales, write a standard checkpoint."""
     from transformers import AutoConfig
 
@@ -110,6 +114,35 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     start = time.perf_counter()
     models, _ = load_pool(sources, paths, device=device, dtype=dtype, seed=seed, allow_pickle=allow_pickle)
     log(f"loaded {len(models)} pool sources onto {device} in {time.perf_counter() - start:.1f} s")
+    if not allow_nonfinite:
+        for name, model in models.items():
+            _refuse_nonfinite(list(model.state_dict().items()), paths, where, allow_pickle, made_by=f"pool source {name}")
     write_dataflow_checkpoint(out, models, recipe, paths, dtype=dtype, max_shard_bytes=shard_bytes, force=force)
     log(f"wrote a {len(recipe.path)}-layer path through {len(models)} sources")
     return _result(out)
+
+
+def _refuse_nonfinite(tensors, paths: dict[str, Path], where: str, allow_pickle: bool,
+                      made_by: str = "the merge") -> None:
+    """Never write NaN/inf without a word: name the first non-finite tensor and the source tensors it came from
+    (model, file, count). A pass over the output; the sources are read again only when something is wrong."""
+    import torch
+
+    from evomerge.io.checkpoint import Checkpoint
+
+    bad = [(name, t) for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    name, tensor = bad[0]
+    count = int((~torch.isfinite(tensor)).sum())
+    culprits = []
+    for model, path in paths.items():
+        ck = Checkpoint.open(path, allow_pickle=allow_pickle)
+        if name in ck.tensors:
+            n = int((~torch.isfinite(ck.load(name))).sum())
+            if n:
+                culprits.append(f"{model} ({ck.tensors[name].file.name}: {n} non-finite)")
+    origin = f"from {', '.join(culprits)}" if culprits else f"made by {made_by}"
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    raise EvomergeError(f"{where}: tensor {name} holds {count} NaN/inf values{more}, {origin}: fix or drop that "
+                        "model, or pass --allow-nonfinite to write them anyway")

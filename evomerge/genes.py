@@ -1,7 +1,7 @@
 """Gene layouts: what each position of a search space's genome means, declared once.
 
 The gene names (ledger, logs), the decoder and the seed genomes all read the same layout, so they cannot
-disagree. Order and names are part of stored runs (ledgers and checkpoints hold genomes): changing either
+disagree. Order and names are part of stored runs (ledgers hold genomes): changing either
 changes what old genomes mean. The layout, in genome order:
 
 parameter-space block ("ps"):

@@ -29,6 +29,7 @@ points and layers in between are interpolated (no layer count needed). Tensors o
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -96,7 +97,9 @@ class PSGenes(_Frozen):
     def _known_methods(cls, v: list[str]) -> list[str]:
         for m in v:
             if m not in METHODS:
-                raise ValueError(f"unknown merge method {m!r}: valid names are {', '.join(tensor_method_names())}")
+                close = difflib.get_close_matches(m, tensor_method_names(), n=2)
+                hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+                raise ValueError(f"unknown merge method {m!r}: {hint}valid names are {', '.join(tensor_method_names())}")
             if METHODS[m].kind != TENSOR:
                 raise ValueError(f"{m!r} is not a parameter-space method: choose data flow with kind: dfs or hybrid")
         if len(set(v)) != len(v):

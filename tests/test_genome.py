@@ -86,6 +86,11 @@ def test_unknown_preset_suggests_the_nearest():
         load("dfs_path")
 
 
+def test_unknown_method_suggests_the_nearest():
+    with pytest.raises(SearchSpaceError, match=r"ps\.methods: unknown merge method 'tiess': did you mean 'ties'"):
+        load({"preset": "ps_ties_dare", "ps": {"methods": ["tiess"]}})
+
+
 def test_validation_errors_name_the_field():
     cases = {
         "ps.layer_groups": {"preset": "ps_ties_dare", "ps": {"layer_groups": 0}},

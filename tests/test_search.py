@@ -111,6 +111,8 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     ({"algorithm": {"name": "nsga22"}}, "algorithm.name': unknown algorithm 'nsga22': did you mean 'nsga2'"),
     # checks against the files the config names (evomerge.search.preflight)
     ({"objectives": [{"task": "t_add"}, {"task": "t_never_calibrated"}]}, "objectives: task 't_never_calibrated'"),
+    ({"objectives": [{"task": "t_add"}, {"task": "t_mroe"}]},
+     "(its tasks: t_add, t_more): did you mean 't_more'? calibrate it"),
     ({"fitness": {"calibration": "calibration.json", "tasks": ["t_add", "t_nope"], "task_paths": ["tasks"]},
       "objectives": [{"task": "t_add"}]}, "fitness.tasks: task 't_nope'"),
     ({"fitness": {"calibration": "run.yaml"}}, "fitness.calibration"),

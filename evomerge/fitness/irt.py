@@ -2,9 +2,10 @@
 
 Here: the model's item parameters and the MAP abilities of new models from their answers (numpy only: what
 the estimators need). The fit of the item parameters (irt_fit.py, torch) is a joint MAP estimate (Gaussian
-priors on abilities, discriminations and difficulties) by L-BFGS on the exact gradient. Calibration sets are small in models (10-40) and moderate in items (hundreds to
-thousands), so the priors carry real weight: without them an item every model got right has b -> -inf, and with
-few models each item's D+1 parameters overfit. bench/IRT_NOTES.md compares this fit with py-irt's.
+priors on abilities, discriminations and difficulties) by L-BFGS on the exact gradient. Calibration sets are
+small in models (10-40) and moderate in items (hundreds to thousands), so the priors carry real weight: without
+them an item every model got right has b -> -inf, and with few models each item's D+1 parameters overfit.
+bench/IRT_NOTES.md compares this fit with py-irt's.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ and the safetensors headers), and a search space that has something to search.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,9 +52,11 @@ def check_calibration(config: RunConfig, path: Path, where: str) -> None:
                          ("objectives", [o.task for o in config.objectives if o.task])):
         missing = [t for t in tasks if t not in calibrated]
         if missing:
+            close = difflib.get_close_matches(missing[0], calibrated, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"{where}: {field}: task {missing[0]!r} is not in the calibration "
                               f"{config.fitness.calibration} (its tasks: {', '.join(sorted(calibrated))}): "
-                              "calibrate it with `evomerge calibrate`, or drop it")
+                              f"{hint}calibrate it with `evomerge calibrate`, or drop it")
 
 
 def check_sources_compatible(models: Mapping[str, Path], tensors_must_match: bool, where: str) -> None:

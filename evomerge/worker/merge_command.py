@@ -63,7 +63,10 @@ def merge_from_yaml(
     materializer = Materializer(paths, base, device=device, model_dtype=out_dtype, allow_pickle=allow_pickle)
     log(f"loaded {len(paths)} models onto {device} in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    tensors = list(materializer.merged_tensors(recipe, seed=seed).items())
+    try:
+        tensors = list(materializer.merged_tensors(recipe, seed=seed).items())
+    except RecipeError as e:  # a parameter that fails on one tensor (weights summing to 0, ...): name the file too
+        raise RecipeError(f"{recipe_path}: {e}") from None
     log(f"merged with {recipe.method} in {time.perf_counter() - start:.2f} s")
     if not allow_nonfinite:
         _refuse_nonfinite(tensors, paths, str(recipe_path), allow_pickle)

@@ -55,7 +55,7 @@ def check_writable(path: Path, what: str) -> None:
     """Refuse, before any work, an output `path` that cannot be created: one of its existing ancestors is a file,
     or the nearest existing one is a folder this process cannot write into."""
     path = Path(path).expanduser().absolute()
-    ancestor = path if path.exists() else path.parent
+    ancestor = path.parent  # the output itself may exist (replaced with --force, or refused by its caller)
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():

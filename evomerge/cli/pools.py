@@ -26,6 +26,3 @@ def make_pool(prepared, args: argparse.Namespace, console):
     console.log(f"{pool.count} Ray worker(s) ready")
     return pool
 
-
-def close_pool(pool) -> None:
-    getattr(pool, "close", lambda: None)()  # Ray's pool stops its workers; the in-process one has nothing to stop

@@ -101,7 +101,7 @@ def _search_to_the_end(run, prepared, args: argparse.Namespace) -> int:
     """Run the search to its budget on the chosen pool, write its front plot, print its front."""
     from rich.console import Console
 
-    from evomerge.cli.pools import close_pool, make_pool
+    from evomerge.cli.pools import make_pool
     from evomerge.cli.progress import search_bars
     from evomerge.search.plot import FRONT_PLOT, plot_front
     from evomerge.search.session import drive, status
@@ -114,7 +114,7 @@ def _search_to_the_end(run, prepared, args: argparse.Namespace) -> int:
             with search_bars(console, algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
                 drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
         finally:
-            close_pool(pool)
+            pool.close()
     state = status(run, prepared)
     _print_front(state, prepared, plot_front(state, run.path / FRONT_PLOT))
     return 0

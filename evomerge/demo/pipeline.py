@@ -9,8 +9,8 @@ this module decides what runs and in which order, and nothing about how it is sh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,7 +108,7 @@ def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: Dem
     from evomerge.search.session import drive, status
 
     algorithm = prepared.config.algorithm
-    with _closed_after(make_pool(prepared)) as pool:
+    with closing(make_pool(prepared)) as pool:
         with ui.searching(algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
             drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
         png = plot_front(status(run, prepared), run.path / FRONT_PLOT)
@@ -128,10 +128,3 @@ def _export_front(run_path: Path, front: list[dict], log) -> dict[str, Path]:
         export_run(run_path, front_dir, ids=todo, force=True, log=log)
     return {f["id"]: front_dir / f["id"] for f in front}
 
-
-@contextmanager
-def _closed_after(pool) -> Iterator:
-    try:
-        yield pool
-    finally:
-        getattr(pool, "close", lambda: None)()  # Ray's pool stops its workers; the in-process one has none

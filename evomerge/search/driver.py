@@ -33,6 +33,9 @@ class Pool(Protocol):
     def evaluate(self, candidates: Sequence[Candidate]) -> Iterable[EvalResult]:
         """Results in any order, one per candidate."""
 
+    def close(self) -> None:
+        """Stop what the pool started (workers); callers close every pool they made."""
+
 
 @dataclass(frozen=True)
 class Objective:

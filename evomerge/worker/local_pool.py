@@ -17,3 +17,6 @@ class LocalPool:
     def evaluate(self, candidates: Sequence[Candidate]) -> Iterable[EvalResult]:
         for c in candidates:
             yield self.evaluator.evaluate(c)
+
+    def close(self) -> None:
+        """Nothing to stop (the interface every pool has: Ray's stops its workers)."""

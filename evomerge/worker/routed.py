@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from evomerge.errors import IncompatibleModelsError, RecipeError
+from evomerge.io.documents import layer_count
 from evomerge.merge.layer_path import PathStep
 
 # Config keys that may differ between the sources of one path: the routed model takes them from
@@ -48,7 +49,8 @@ def layers_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def num_layers(config) -> int:
-    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+    """The layer count of a transformers config object (the same rule as io.documents for config.json)."""
+    return layer_count(config.to_dict(), Path(getattr(config, "_name_or_path", "") or "the model"))
 
 
 def check_layer_compatible(configs: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +27,12 @@ from evomerge.io.paths import find_path
 from evomerge.merge.dataflow_recipe import is_dataflow, parse_dataflow
 from evomerge.merge.recipe import Recipe
 from evomerge.search.candidates import FAILED, OK, Candidate, EvalResult
+from evomerge.worker.finite import all_finite
 from evomerge.worker.sources import SourceModels
 
 
 class NonFiniteError(FitnessError):
     """The merged model has NaN/inf weights, or its scores are not finite."""
-
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """True when every entry of every tensor is finite. One float32 sum per tensor (no tensor-sized boolean
-    mask), one host sync: a NaN or inf anywhere makes its tensor's sum non-finite; only a tensor whose sum is
-    not finite is then checked entry by entry (its sum may have overflowed from huge finite values)."""
-    tensors = [t for t in tensors if t.dtype.is_floating_point and t.numel()]
-    if not tensors:
-        return True
-    finite = torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]))
-    if bool(finite.all()):
-        return True
-    # a non-finite sum: a NaN/inf entry, or finite entries so large that their sum overflows; look exactly
-    return all(bool(torch.isfinite(t).all()) for t, f in zip(tensors, finite.tolist()) if not f)
 
 
 class ForwardClock:

@@ -7,13 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from evomerge.errors import EvomergeError, RecipeError
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.documents import read_yaml
 from evomerge.io.paths import resolve_model
 from evomerge.io.save import parse_size, prepare_output_dir
 from evomerge.merge.dataflow_recipe import is_dataflow
 from evomerge.merge.recipe import Recipe
 from evomerge.worker.checkpoint_writer import check_device, write_dataflow_checkpoint, write_ps_checkpoint
+from evomerge.worker.finite import nonfinite_names
 from evomerge.worker.materializer import TORCH_DTYPES, Materializer
 
 
@@ -77,8 +81,6 @@ def merge_from_yaml(
 
 
 def _result(out: Path) -> MergeResult:
-    from evomerge.io.checkpoint import Checkpoint
-
     ck = Checkpoint.open(out)
     nbytes = sum(m.nbytes for m in ck.tensors.values())
     return MergeResult(out, len(ck.tensors), nbytes, len(list(out.glob("*.safetensors"))))
@@ -90,7 +92,6 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     """A data-flow or hybrid recipe: load the pool, fold the path's scales, write a standard checkpoint."""
     from transformers import AutoConfig
 
-    from evomerge.io.checkpoint import Checkpoint
     from evomerge.merge.dataflow_recipe import parse_dataflow, parse_sources
     from evomerge.worker.folded_export import check_foldable
     from evomerge.worker.routed import check_layer_compatible, load_pool, num_layers
@@ -129,15 +130,12 @@ def _refuse_nonfinite(tensors, paths: dict[str, Path], where: str, allow_pickle:
                       made_by: str = "the merge") -> None:
     """Never write NaN/inf without a word: name the first non-finite tensor and the source tensors it came from
     (model, file, count). A pass over the output; the sources are read again only when something is wrong."""
-    import torch
-
-    from evomerge.io.checkpoint import Checkpoint
-
-    bad = [(name, t) for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    tensors = dict(tensors)
+    bad = nonfinite_names(tensors.items())
     if not bad:
         return
-    name, tensor = bad[0]
-    count = int((~torch.isfinite(tensor)).sum())
+    name = bad[0]
+    count = int((~torch.isfinite(tensors[name])).sum())
     culprits = []
     for model, path in paths.items():
         ck = Checkpoint.open(path, allow_pickle=allow_pickle)

@@ -15,7 +15,8 @@ from evomerge.genome import SearchSpace
 from evomerge.search.candidates import Candidate, EvalResult
 from evomerge.testing.tasks import write_choice_tasks
 from evomerge.testing.tiny import TinySpec, make_family
-from evomerge.worker.evaluator import Evaluator, all_finite
+from evomerge.worker.evaluator import Evaluator
+from evomerge.worker.finite import all_finite
 
 TASKS = {"e_add": 30, "e_pairs": 24}
 N_ANCHORS = 6

@@ -238,6 +238,8 @@ def test_a_planted_pickle_in_a_run_directory_is_never_unpickled(workspace, tmp_p
         (run_dir / name).write_bytes(pickle.dumps(_Payload(str(marker))) * 2)
     assert main(["status", str(run_dir), "--json"]) == 0
     assert main(["resume", str(run_dir), "--in-process"]) == 0
+    # finished: resume prints the front and starts no workers (a pool on a device that is not here would fail)
+    assert main(["resume", str(run_dir), "--in-process", "--device", "cuda:7"]) == 0
     first = before["front"][0]["id"]
     assert main(["export", str(run_dir), "--out", str(tmp_path / "out"), "--ids", first]) == 0
     assert not marker.exists()

@@ -67,6 +67,11 @@ def _edited_snapshot(old: str, new: str) -> Case:
                 lambda root: ["resume", root / "runs" / "edited", "--in-process"], setup)
 
 
+def _damaged_marker(root: Path) -> None:
+    shutil.copytree(root / "runs" / "done", root / "runs" / "damaged", dirs_exist_ok=True)
+    (root / "runs" / "damaged" / "run.json").write_text("{")
+
+
 def _recipe(root: Path, doc: dict, name: str) -> Path:
     path = root / f"{name}.yml"
     path.write_text(yaml.safe_dump(doc))
@@ -135,9 +140,7 @@ def cases() -> list[Case]:
         _edited_snapshot("", "\n  - [unclosed\n"),
         Case("resume: not a run directory", lambda root: ["resume", root / "models", "--in-process"]),
         Case("resume: no such directory", lambda root: ["resume", root / "runs" / "nope", "--in-process"]),
-        Case("status: run.json damaged", lambda root: ["status", root / "runs" / "damaged"],
-             lambda root: (shutil.copytree(root / "runs" / "done", root / "runs" / "damaged", dirs_exist_ok=True),
-                           (root / "runs" / "damaged" / "run.json").write_text("{"))),
+        Case("status: run.json damaged", lambda root: ["status", root / "runs" / "damaged"], _damaged_marker),
         Case("export: unknown id", lambda root: ["export", root / "runs" / "done", "--out", root / "exp",
                                                  "--ids", "g9999-0000"], creates=lambda root: root / "exp"),
         Case("export: empty --ids", lambda root: ["export", root / "runs" / "done", "--out", root / "exp",
@@ -236,8 +239,7 @@ def main() -> int:
         proc = subprocess.run([sys.executable, "-m", "evomerge", *map(str, case.args(root))], capture_output=True,
                               text=True, env=ENV, check=False, timeout=600)
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith(("evomerge", "usage"))]
-        error = lines[-1] if lines else proc.stderr.strip().splitlines()[-1:] or ["(nothing)"]
-        error = error if isinstance(error, str) else error[0]
+        error = (lines or proc.stderr.strip().splitlines() or ["(nothing)"])[-1]
         left = []
         if _tree_digest(done) != before:
             left.append("finished run CHANGED")

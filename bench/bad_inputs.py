@@ -72,6 +72,24 @@ def _damaged_marker(root: Path) -> None:
     (root / "runs" / "damaged" / "run.json").write_text("{")
 
 
+def _broken_copy(name: str, content: bytes | None, run: str = "broken-ledger") -> Callable[[Path], None]:
+    """A copy of the finished run with one file replaced by `content` (None: deleted)."""
+    def setup(root: Path) -> None:
+        target = root / "runs" / run
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(root / "runs" / "done", target)
+        if content is None:
+            (target / name).unlink()
+        else:
+            (target / name).write_bytes(content)
+    return setup
+
+
+def _dataflow(root: Path, path: list) -> dict:
+    return {"merge_method": "dataflow", "sources": [{"name": "a", "model": str(root / "models" / "source_0")}],
+            "path": path}
+
+
 def _recipe(root: Path, doc: dict, name: str) -> Path:
     path = root / f"{name}.yml"
     path.write_text(yaml.safe_dump(doc))
@@ -124,6 +142,29 @@ def cases() -> list[Case]:
         _search(workers__sources="s3"),
         _search(max_path_length=0),
         _search(unknown_key=1),
+        _search(sources__models={}),
+        _search(sources__models=["models/source_0", "models/source_1"]),
+        _search(sources__models={"a": "models/source_0", "b": "models/source_1/config.json"}),
+        _search(sources__models={"a": "models/source_0", "b": "models/poisoned"}),
+        _search(sources__models={"a": "models/source_0", "b": "models/wide"}),
+        _search(sources__models={"a": "models/source_0", "b": "models/truncated"}),
+        _search(sources__base_model="models/nope"),
+        _search(fitness__task_paths=["no_such_folder"]),
+        _search(fitness__tasks=[]),
+        _search(fitness__estimator=3),
+        _search(algorithm__pop_size="sixteen"),
+        _search(algorithm__generations=-3),
+        _search(objectives=[{"task": "t_add", "cost": "params"}]),
+        _search(objectives=[{"task": "t_add"}, {"task": "t_add"}]),
+        _search(search_space={"preset": "ps_task_arithmetic", "ps": {"layer_grups": 2}}),
+        _search(search_space={"preset": "dfs_paths", "dfs": {"repeats": 0}}),
+        _search(workers__count="two"),
+        _search(seed="abc"),
+        Case("search: config empty", lambda root: ["search", root / "empty.yaml"],
+             lambda root: (root / "empty.yaml").write_text("")),
+        Case("search: config is a folder", lambda root: ["search", root / "models"]),
+        Case("search: --run-dir a non-empty folder that is not a run", lambda root: [
+            "search", root / "run.yaml", "--run-dir", root / "tasks", "--in-process"]),
         Case("search: config file missing", lambda root: ["search", root / "nope.yaml"]),
         Case("search: config not YAML", lambda root: ["search", root / "broken.yaml"],
              lambda root: (root / "broken.yaml").write_text("name: [unclosed\n")),
@@ -141,6 +182,17 @@ def cases() -> list[Case]:
         Case("resume: not a run directory", lambda root: ["resume", root / "models", "--in-process"]),
         Case("resume: no such directory", lambda root: ["resume", root / "runs" / "nope", "--in-process"]),
         Case("status: run.json damaged", lambda root: ["status", root / "runs" / "damaged"], _damaged_marker),
+        Case("resume: ledger not a database", lambda root: ["resume", root / "runs" / "broken-ledger",
+                                                            "--in-process"], _broken_copy("ledger.sqlite", b"junk")),
+        Case("resume: ledger deleted", lambda root: ["resume", root / "runs" / "no-ledger", "--in-process"],
+             _broken_copy("ledger.sqlite", None, "no-ledger")),
+        Case("resume: config.yaml deleted", lambda root: ["resume", root / "runs" / "no-config", "--in-process"],
+             _broken_copy("config.yaml", None, "no-config")),
+        Case("status: no such directory", lambda root: ["status", root / "runs" / "nope"]),
+        Case("status: --plot under a file", lambda root: ["status", root / "runs" / "done", "--plot",
+                                                          blocker(root) / "f.png"]),
+        Case("export: not a run directory", lambda root: ["export", root / "models", "--out", root / "exp"],
+             creates=lambda root: root / "exp"),
         Case("export: unknown id", lambda root: ["export", root / "runs" / "done", "--out", root / "exp",
                                                  "--ids", "g9999-0000"], creates=lambda root: root / "exp"),
         Case("export: empty --ids", lambda root: ["export", root / "runs" / "done", "--out", root / "exp",
@@ -166,6 +218,25 @@ def cases() -> list[Case]:
             {"model": str(root / "models" / "pickled"), "parameters": {"weight": 1}}]}),
         _merge("NaN in a source", lambda root: {**_linear(root), "models": [
             {"model": str(root / "models" / "poisoned"), "parameters": {"weight": 1}}]}),
+        Case("merge: recipe not YAML", lambda root: ["merge", root / "broken.yaml", "--out", root / "merged"],
+             lambda root: (root / "broken.yaml").write_text("name: [unclosed\n"), creates=lambda root: root / "merged"),
+        Case("merge: recipe empty", lambda root: ["merge", root / "empty.yaml", "--out", root / "merged"],
+             lambda root: (root / "empty.yaml").write_text(""), creates=lambda root: root / "merged"),
+        _merge("no models", lambda root: {**_linear(root), "models": []}),
+        _merge("weight a string", lambda root: {**_linear(root), "models": [
+            {"model": str(root / "models" / "source_0"), "parameters": {"weight": "half"}}]}),
+        _merge("unknown dtype", lambda root: _linear(root, dtype="float13")),
+        _merge("base_model missing", lambda root: {**_linear(root), "merge_method": "task_arithmetic",
+                                                   "base_model": str(root / "models" / "nope")}),
+        _merge("models of another hidden size", lambda root: {**_linear(root), "models": [
+            {"model": str(root / "models" / "source_0"), "parameters": {"weight": 0.5}},
+            {"model": str(root / "models" / "wide"), "parameters": {"weight": 0.5}}]}),
+        _merge("truncated safetensors shard", lambda root: {**_linear(root), "models": [
+            {"model": str(root / "models" / "truncated"), "parameters": {"weight": 1}}]}),
+        _merge("data flow: layer out of range", lambda root: _dataflow(root, [["a", 0], ["a", 9]])),
+        _merge("data flow: unknown source", lambda root: _dataflow(root, [["a", 0], ["zz", 1]])),
+        Case("merge: --out is a source model", lambda root: ["merge", _recipe(root, _linear(root), "ok"), "--out",
+                                                             root / "models" / "source_0", "--force"]),
         Case("merge: --out under a file", lambda root: ["merge", _recipe(root, _linear(root), "ok"), "--out",
                                                         blocker(root) / "m"]),
         Case("merge: --device nonsense", lambda root: ["merge", _recipe(root, _linear(root), "ok"), "--out",
@@ -187,7 +258,21 @@ def cases() -> list[Case]:
         Case("irt fit: --dims nonsense", lambda root: ["irt", "fit", "--responses", root / "bad.csv", "--out",
                                                        root / "c.json", "--dims", "two"],
              creates=lambda root: root / "c.json"),
+        Case("irt fit: empty responses file", lambda root: ["irt", "fit", "--responses", root / "empty.csv",
+                                                            "--out", root / "c.json"],
+             lambda root: (root / "empty.csv").write_text(""), creates=lambda root: root / "c.json"),
+        Case("irt fit: a model listed twice", lambda root: ["irt", "fit", "--responses", root / "twice.csv",
+                                                            "--out", root / "c.json"],
+             lambda root: (root / "twice.csv").write_text("model,q1,q2\nm1,1,0\nm1,0,1\nm2,1,1\n"),
+             creates=lambda root: root / "c.json"),
         Case("calibrate: out exists", lambda root: ["calibrate", root / "calibrate.yaml"]),
+        Case("calibrate: config missing", lambda root: ["calibrate", root / "nope.yaml"]),
+        Case("calibrate: a task that is not there", lambda root: ["calibrate", root / "calib-bad.yaml"],
+             lambda root: (root / "calib-bad.yaml").write_text(
+                 (root / "calibrate.yaml").read_text().replace("- t_more", "- t_mroe").replace(
+                     "calibration.json", "c.json")), creates=lambda root: root / "c.json"),
+        Case("usage: no command", lambda root: []),
+        Case("usage: search without a config", lambda root: ["search"]),
         Case("usage: unknown command", lambda root: ["serach"]),
         Case("usage: unknown option", lambda root: ["status", root / "runs" / "done", "--jsn"]),
     ]
@@ -206,7 +291,7 @@ def _workspace(root: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from evomerge.cli import main
-    from evomerge.testing.tiny import TinySpec, random_model
+    from evomerge.testing.tiny import TinySpec, random_model, save_model
 
     make_search_workspace(root)
     model = random_model(TinySpec(), seed=0)
@@ -221,6 +306,10 @@ def _workspace(root: Path) -> None:
     tensors[next(iter(tensors))].view(-1)[0] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
     (root / "a-file").write_text("not a folder")
+    save_model(random_model(TinySpec(hidden=48), seed=0), root / "models" / "wide", root / "models" / "tokenizer")
+    shutil.copytree(root / "models" / "source_1", root / "models" / "truncated")
+    shard = next((root / "models" / "truncated").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-1000])  # an interrupted download
     if main(["search", str(root / "run.yaml"), "--run-dir", str(root / "runs" / "done"), "--in-process"]) != 0:
         raise RuntimeError("the reference run failed")
 
@@ -252,7 +341,8 @@ def main() -> int:
         broken += not ok
         rows.append((case.name, proc.returncode, error.replace(str(root), "WS").replace("|", "\\|"),
                      ", ".join(left) or "nothing", "ok" if ok else "BROKEN"))
-        for p in (root / "merged", root / "exp", root / "c.json"):
+        leftovers = [case.creates(root)] if case.creates is not None else []  # so one case cannot fail the next
+        for p in (root / "merged", root / "exp", root / "c.json", *leftovers):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():

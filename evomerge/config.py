@@ -66,6 +66,8 @@ class SourcesConfig(_Strict):
     models: dict[str, str] = Field(min_length=1, description="the fine-tuned models, name -> checkpoint directory; "
                                    "for data-flow spaces the first is model A")
     base_model: str | None = Field(None, description="their common base (needed by task-vector methods)")
+    allow_nonfinite: bool = Field(False, description="search even when a source holds NaN/inf values (refused "
+                                  "by default: every candidate that mixes them in would fail)")
 
 
 class FitnessConfig(_Strict):

@@ -140,3 +140,42 @@ def test_a_failed_save_leaves_nothing_behind(llama, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(tmp_path / "out", tensors(), AutoConfig.from_pretrained(llama.base), max_shard_bytes=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2,
+                                   torch.float8_e4m3fn])
+def test_the_torch_free_scan_counts_nan_and_inf_as_torch_does(dtype, tmp_path):
+    """The driver reads a float's bits with numpy (no bf16 dtype there); torch.isfinite is the reference."""
+    from safetensors.torch import save_file
+
+    from evomerge.io.finite_scan import nonfinite_tensors
+
+    g = torch.Generator().manual_seed(0)
+    poisoned = (torch.randn(300, 70, generator=g) * 1e3).clamp(-400, 400)
+    hit = torch.rand(poisoned.shape, generator=g) < 0.01
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    poisoned[hit] = specials[torch.randint(0, 3, (int(hit.sum()),), generator=g)]
+    poisoned = poisoned.to(dtype)
+    extreme = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, 0.0, -0.0],
+                           dtype=torch.float64)
+    save_file({"poisoned": poisoned, "extreme": extreme.to(dtype), "ints": torch.full((9,), -1, dtype=torch.int16),
+               "clean": torch.randn(64, generator=g).to(dtype)}, tmp_path / "model.safetensors")
+    expected = int((~torch.isfinite(poisoned.float())).sum())
+    assert expected > 50  # (float8_e4m3fn has no inf: it keeps only the NaNs)
+    assert nonfinite_tensors(tmp_path) == [(tmp_path / "model.safetensors", "poisoned", expected)]
+
+
+def test_the_scan_reads_every_shard_of_an_index(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.io.finite_scan import nonfinite_tensors
+
+    model = tmp_path / "m"
+    shutil.copytree(llama.sources[0], model)
+    assert nonfinite_tensors(model) == []
+    last = sorted(model.glob("*.safetensors"))[-1]
+    tensors = load_file(last)
+    name = sorted(tensors)[-1]
+    tensors[name].view(-1)[-1] = float("nan")
+    save_file(tensors, last, metadata={"format": "pt"})
+    assert nonfinite_tensors(model) == [(last, name, 1)]

@@ -210,6 +210,17 @@ def test_status_only_reads_unless_asked_to_plot(tmp_path, capsys):
     elsewhere = tmp_path / "plots" / "f.png"
     elsewhere.parent.mkdir()
     assert status("--plot", str(elsewhere))["plot"] == str(elsewhere) and elsewhere.stat().st_size > 1000
+    # a plot path under a regular file: one line naming --plot (once a NotADirectoryError traceback)
+    assert main(["status", str(run_dir), "--plot", str(elsewhere / "f.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evomerge: error: --plot") and "is a file, not a folder" in err[0]
+
+
+def test_bare_evomerge_lists_the_commands_and_says_what_to_do():
+    out = run()
+    assert out.returncode == 2 and out.stdout == "" and "commands:" in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("evomerge: error: give a command (evomerge COMMAND --help shows "
+                                                   "its options)")
 
 
 
@@ -239,3 +250,35 @@ def test_a_nan_in_a_source_is_refused_and_named_unless_allowed(llama, tmp_path):
     assert allowed.returncode == 0, allowed.stderr
     merged = {k: v for f in (tmp_path / "allowed").glob("*.safetensors") for k, v in load_file(f).items()}
     assert int(merged[name].isnan().sum()) == 3
+
+
+def test_weights_unreadable_for_permissions_are_named_as_such(llama, tmp_path):
+    """safetensors reports any failure to open a file as "No such file or directory"; the user is told the truth.
+    Run as an unprivileged user (root reads everything), in a folder that user can reach."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root")
+    workdir = Path(tempfile.mkdtemp(prefix="evomerge-perm-"))
+    try:
+        workdir.chmod(0o777)
+        source = workdir / "source"
+        shutil.copytree(llama.sources[0], source)
+        for file in source.iterdir():
+            file.chmod(0o644)
+        shard = sorted(source.glob("*.safetensors"))[1]
+        shard.chmod(0)
+        recipe = write_recipe(workdir / "r.yml", {"merge_method": "linear", "models": [
+            {"model": str(source), "parameters": {"weight": 1.0}}]})
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HOME": str(workdir)}
+        out = subprocess.run([*drop, *EVOMERGE, "merge", str(recipe), "--out", str(workdir / "out")],
+                             capture_output=True, text=True, env=env, timeout=300, cwd=workdir)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert lines[-1].endswith(f"cannot read {shard}: permission denied: make it readable (chmod a+r) or run "
+                                  "as its owner"), lines
+        assert "No such file" not in out.stderr and not (workdir / "out").exists()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +34,15 @@ def workspace(tmp_path_factory):
     pickled, pickled_dir = random_model(TinySpec(), seed=0), root / "models" / "pickled"
     pickled.config.save_pretrained(pickled_dir)  # weights only as pytorch_model.bin (transformers writes safetensors)
     torch.save(pickled.state_dict(), pickled_dir / "pytorch_model.bin")
+    from safetensors.torch import load_file, save_file
+
+    poisoned = root / "models" / "poisoned"  # source_1 with two infs and a NaN in one tensor
+    shutil.copytree(root / "models" / "source_1", poisoned)
+    shard = next(poisoned.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.2.self_attn.v_proj.weight"].view(-1)[[0, 5, 9]] = torch.tensor([float("inf"), -float("inf"),
+                                                                                        float("nan")])
+    save_file(tensors, shard, metadata={"format": "pt"})
     return root
 
 
@@ -116,12 +126,18 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     ({"fitness": {"calibration": "calibration.json", "tasks": ["t_add", "t_nope"], "task_paths": ["tasks"]},
       "objectives": [{"task": "t_add"}]}, "fitness.tasks: task 't_nope'"),
     ({"fitness": {"calibration": "run.yaml"}}, "fitness.calibration"),
+    ({"fitness": {"calibration": "calibration.json", "task_paths": ["tasks", "taks"]}},  # once failed in generation 0
+     "fitness.task_paths[1]: WS/taks is not a folder"),
     ({"sources": {"models": {"a": "models/source_0", "b": "models/wide"}, "base_model": "models/base"}},
      "sources.models.b: hidden size 48"),
     ({"sources": {"models": {"a": "models/source_0", "b": "models/fat"}, "base_model": "models/base"}},
      "sources.models.b: tensor model.layers.0.mlp"),
     ({"sources": {"models": {"a": "models/source_0", "b": "models/pickled"}, "base_model": "models/base"}},
      "holds only pickled weights (pytorch_model.bin), which a search never loads"),
+    # a poisoned source once made every candidate that mixed it in fail, one by one: now named before the run
+    ({"sources": {"models": {"a": "models/source_0", "b": "models/poisoned"}, "base_model": "models/base"}},
+     "sources.models.b: WS/models/poisoned/model.safetensors: tensor model.layers.2.self_attn.v_proj.weight holds 3 "
+     "NaN/inf values: fix or replace that model, or set sources.allow_nonfinite: true"),
     ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"weight": [0.5, 0.5], "params": {"lambda": [1, 1]}}}},
      "search_space: every genome decodes to the same recipe"),
 ])
@@ -131,6 +147,7 @@ def test_bad_search_configs_leave_no_run_directory(workspace, capsys, change, me
     path.write_text(yaml.safe_dump(config))
     run_dir = workspace / "runs" / "bad"
     assert main(["search", str(path), "--run-dir", str(run_dir)]) == 2
+    message = message.replace("WS/", f"{workspace}/")
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evomerge: error:") and message in lines[0], lines
     assert not run_dir.exists()
@@ -142,6 +159,22 @@ def test_bad_search_configs_leave_no_run_directory(workspace, capsys, change, me
     assert message in capsys.readouterr().err
     assert [p.name for p in existing.iterdir()] == ["ledger.sqlite"]
     assert (existing / "ledger.sqlite").read_bytes() == b"finished work"
+
+
+def test_allow_nonfinite_lets_a_poisoned_source_through_the_checks(workspace):
+    from evomerge.config import RunConfig, load_config
+    from evomerge.search.session import prepare
+
+    doc = yaml.safe_load((workspace / "run.yaml").read_text())
+    doc["sources"]["models"]["b"] = "models/poisoned"
+    path = workspace / "poisoned.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(Exception, match="holds 3 NaN/inf values"):
+        prepare(load_config(path, RunConfig), workspace, str(path))
+    doc["sources"]["allow_nonfinite"] = True
+    path.write_text(yaml.safe_dump(doc))
+    prepared = prepare(load_config(path, RunConfig), workspace, str(path))
+    assert prepared.config.sources.allow_nonfinite and prepared.layer_counts["b"] == 4
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):  # bare `evomerge`: the commands, then what to do
+        parser.print_help(sys.stderr)
+        print("evomerge: error: give a command (evomerge COMMAND --help shows its options)", file=sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args) or 0

@@ -80,9 +80,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
+    from evomerge.io.paths import check_writable
     from evomerge.search.plot import FRONT_PLOT, plot_front
     from evomerge.search.session import open_run, status
 
+    if args.plot:
+        check_writable(Path(args.plot), "--plot")
     run, prepared = open_run(args.run_dir)
     state = status(run, prepared)
     png = None

@@ -182,6 +182,7 @@ def _pickle_files(path: Path) -> list[Path]:
 def _safetensors_inventory(files: list[Path]) -> dict[str, TensorMeta]:
     tensors: dict[str, TensorMeta] = {}
     for file in files:
+        _check_readable(file)
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
@@ -190,6 +191,17 @@ def _safetensors_inventory(files: list[Path]) -> dict[str, TensorMeta]:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"cannot read safetensors file {file}: {e}") from None
     return tensors
+
+
+def _check_readable(file: Path) -> None:
+    """safetensors reports every failure to open as "No such file or directory"; open() says what is wrong."""
+    try:
+        open(file, "rb").close()
+    except PermissionError:
+        raise CheckpointError(f"cannot read {file}: permission denied: make it readable (chmod a+r) or run as "
+                              "its owner") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror}") from None
 
 
 def _pickle_inventory(files: list[Path]) -> dict[str, TensorMeta]:

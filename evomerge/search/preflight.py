@@ -1,8 +1,8 @@
 """Checks of a run config against the files it names, before a run directory exists (no torch).
 
 Every check that can fail later, in a worker, for every candidate, fails here instead, as one line that names
-the config field: source folders, the calibration and its tasks, source compatibility (read from config.json
-and the safetensors headers), and a search space that has something to search.
+the config field: source folders, the calibration and its tasks, the task folders, source compatibility (read from config.json
+and the safetensors headers), sources free of NaN/inf, and a search space that has something to search.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import ConfigError, RunConfig
-from evomerge.errors import EvomergeError, GenomeError, SearchSpaceError
+from evomerge.errors import CheckpointError, EvomergeError, GenomeError, SearchSpaceError
 from evomerge.io.documents import read_model_config
+from evomerge.io.finite_scan import nonfinite_tensors
 from evomerge.io.headers import inventory
 
 MAX_LISTED = 3
@@ -59,6 +60,14 @@ def check_calibration(config: RunConfig, path: Path, where: str) -> None:
                               f"{hint}calibrate it with `evomerge calibrate`, or drop it")
 
 
+def check_task_paths(folders: list[Path], where: str) -> None:
+    """Every folder of task YAMLs exists (the workers read them; a missing one would fail every candidate)."""
+    for i, folder in enumerate(folders):
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: fitness.task_paths[{i}]: {folder} is not a folder: give folders of lm-eval "
+                              "task YAMLs (relative paths are relative to the config file)")
+
+
 def check_sources_compatible(models: Mapping[str, Path], tensors_must_match: bool, where: str) -> None:
     """`models`: config field -> model directory (`sources_by_field`). One architecture and hidden size
     everywhere (a data-flow path mixes their layers); for parameter-space merges also the same tensor names
@@ -86,6 +95,20 @@ def check_sources_compatible(models: Mapping[str, Path], tensors_must_match: boo
             more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
             raise ConfigError(f"{where}: {name}: tensor {'; '.join(problems[:MAX_LISTED])}{more}: a "
                               f"parameter-space merge needs the same tensors as {first}")
+
+
+def check_sources_finite(models: Mapping[str, Path], where: str) -> None:
+    """Refuse a source that holds NaN or inf: name the file, the tensor and the count (read without torch)."""
+    for field, path in models.items():
+        try:
+            found = nonfinite_tensors(path)
+        except CheckpointError as e:
+            raise ConfigError(f"{where}: {field}: {e}") from None
+        if found:
+            file, name, count = found[0]
+            more = f" (and {len(found) - 1} more tensors)" if len(found) > 1 else ""
+            raise ConfigError(f"{where}: {field}: {file}: tensor {name} holds {count} NaN/inf values{more}: "
+                              "fix or replace that model, or set sources.allow_nonfinite: true to search anyway")
 
 
 def _architecture(cfg: dict) -> dict:
@@ -128,5 +151,5 @@ def sources_by_field(paths: Mapping[str, Path], base: Path | None) -> dict[str, 
     return fields | {f"sources.models.{name}": path for name, path in paths.items()}
 
 
-__all__ = ["check_calibration", "check_source_dirs", "check_sources_compatible", "check_space_searchable",
-           "sources_by_field"]
+__all__ = ["check_calibration", "check_source_dirs", "check_sources_compatible", "check_sources_finite",
+           "check_space_searchable", "check_task_paths", "sources_by_field"]

@@ -42,11 +42,14 @@ def prepare(config: RunConfig, config_dir: Path, where: str) -> Prepared:
     models = preflight.sources_by_field(paths, base)
     preflight.check_source_dirs(models, where)
     preflight.check_calibration(config, _near(config.fitness.calibration, config_dir), where)
+    preflight.check_task_paths([_near(p, config_dir) for p in config.fitness.task_paths], where)
     counts = {n: _layer_count(p) for n, p in paths.items()}
     space = SearchSpace.load(config.search_space, sources=dict(config.sources.models),
                              base_model=config.sources.base_model, where=f"{where}: search_space")
     space.dim(counts)  # fails here, not in generation 0, when the space does not fit the sources
     preflight.check_sources_compatible(models, tensors_must_match=space.kind != "dfs", where=where)
+    if not config.sources.allow_nonfinite:
+        preflight.check_sources_finite(models, where)
     preflight.check_space_searchable(space, counts, where)
     return Prepared(config, config_dir, space, counts)
 

@@ -136,8 +136,8 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
      "holds only pickled weights (pytorch_model.bin), which a search never loads"),
     # a poisoned source once made every candidate that mixed it in fail, one by one: now named before the run
     ({"sources": {"models": {"a": "models/source_0", "b": "models/poisoned"}, "base_model": "models/base"}},
-     "sources.models.b: WS/models/poisoned/model.safetensors: tensor model.layers.2.self_attn.v_proj.weight holds 3 "
-     "NaN/inf values: fix or replace that model, or set sources.allow_nonfinite: true"),
+     ("sources.models.b: WS/models/poisoned/model.safetensors: tensor model.layers.2.self_attn.v_proj.weight holds "
+      "3 NaN/inf values: fix or replace that model, or set sources.allow_nonfinite: true")),
     ({"search_space": {"preset": "ps_task_arithmetic", "ps": {"weight": [0.5, 0.5], "params": {"lambda": [1, 1]}}}},
      "search_space: every genome decodes to the same recipe"),
 ])

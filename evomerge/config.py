@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import EvomergeError
 from evomerge.io.documents import read_yaml
@@ -20,6 +29,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TaskScoring(_Strict):
+    """What a task's fitness is: `{task: gsm8k, metric: exact_match, filter: flexible-extract, max_gen_toks: 256}`.
+    A plain task name means the task's own first metric and first filter, as lm-eval reports them."""
+
+    task: str = Field(min_length=1, description="lm-eval task name")
+    metric: str | None = Field(None, description="the per-item metric scored (default: the task's first)")
+    filter: str | None = Field(None, description="the filter pipeline whose output is scored (default: the first)")
+    max_gen_toks: int | None = Field(None, ge=1, description="generation budget of generate_until tasks")
+    generation_kwargs: dict[str, Any] = Field({}, description="more generation settings (until, temperature, ...)")
+
+    @property
+    def is_plain(self) -> bool:
+        return self.model_fields_set <= {"task"}
+
+    def settings(self) -> dict[str, Any]:
+        """The fields set besides the task name (what a calibration records and a run must match)."""
+        return self.model_dump(exclude={"task"}, exclude_defaults=True)
+
+
+BATCH_SIZE_HELP = "lm-eval batch size, or auto (the largest that fits, probed as lm-eval does)"
+
+
+def _batch_size(v: Any) -> Any:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError("a batch size is a positive integer or auto")
+
+
+BatchSize = Annotated[int | str, BeforeValidator(_batch_size)]
+
+
+def _task_list(tasks: Any) -> Any:
+    """Task entries may be names or TaskScoring mappings; names become plain TaskScoring."""
+    if isinstance(tasks, list):
+        return [{"task": t} if isinstance(t, str) else t for t in tasks]
+    return tasks
+
+
+def _unique_task_names(tasks: list[TaskScoring]) -> list[TaskScoring]:
+    names = [t.task for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task {min(n for n in names if names.count(n) > 1)!r} is listed twice: list each task once")
+    return tasks
+
+
+def _dump_tasks(tasks: list[TaskScoring] | None) -> list | None:
+    return None if tasks is None else [t.task if t.is_plain else {"task": t.task, **t.settings()} for t in tasks]
+
+
 class CalibrationConfig(_Strict):
     """`evomerge calibrate CONFIG`: score reference models on the full tasks, fit IRT, pick anchors."""
 
@@ -28,8 +86,9 @@ class CalibrationConfig(_Strict):
         "directory); their abilities are saved for mp-IRT", min_length=1)
     base_model: str | None = Field(
         None, description="their common base: the reference merges are task-arithmetic merges relative to it")
-    tasks: list[str] = Field(description="lm-eval task names (fitness/ tasks, task_paths, or lm-eval's own)",
-                             min_length=1)
+    tasks: list[TaskScoring] = Field(
+        description="lm-eval task names (fitness/ tasks, task_paths, or lm-eval's own), or {task, metric, filter, "
+        "max_gen_toks, generation_kwargs} to choose what is scored", min_length=1)
     task_paths: list[str] = Field([], description="more folders of lm-eval task YAMLs")
     reference_merges: int = Field(16, ge=0, le=10_000,
                                   description="seeded random merges of the sources scored besides the sources and base")
@@ -40,14 +99,25 @@ class CalibrationConfig(_Strict):
         None, description="import instead of scoring: task -> responses CSV/Parquet (models x items, 0/1)")
     out: str = Field(description="the calibration file to write (JSON)")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
-    batch_size: int = Field(32, ge=1, description="lm-eval batch size")
+    batch_size: BatchSize = Field(32, description=BATCH_SIZE_HELP)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_or_mappings(cls, tasks: Any) -> Any:
+        return _task_list(tasks)
 
     @field_validator("tasks")
     @classmethod
-    def _unique_tasks(cls, tasks: list[str]) -> list[str]:
-        if len(set(tasks)) != len(tasks):
-            raise ValueError("a task is listed twice: list each task once")
-        return tasks
+    def _unique_tasks(cls, tasks: list[TaskScoring]) -> list[TaskScoring]:
+        return _unique_task_names(tasks)
+
+    @field_serializer("tasks")
+    def _plain_names_as_strings(self, tasks: list[TaskScoring]) -> list:
+        return _dump_tasks(tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.task for t in self.tasks]
 
 
 # ------------------------------------------------------------------------------------------------- the search
@@ -72,10 +142,35 @@ class SourcesConfig(_Strict):
 
 class FitnessConfig(_Strict):
     calibration: str = Field(description="calibration file written by `evomerge calibrate` (anchors, IRT)")
-    tasks: list[str] | None = Field(None, min_length=1, description="tasks to score (default: the calibration's)")
+    tasks: list[TaskScoring] | None = Field(
+        None, min_length=1, description="tasks to score (default: the calibration's), as names or {task, metric, "
+        "filter, max_gen_toks, generation_kwargs}; settings must match the calibration's")
     task_paths: list[str] = Field([], description="more folders of lm-eval task YAMLs")
     estimator: str = Field("gpirt", description="anchor_mean, pirt, gpirt, mpirt or gmpirt")
-    batch_size: int = Field(32, ge=1, description="lm-eval batch size")
+    batch_size: BatchSize = Field(32, description=BATCH_SIZE_HELP)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_or_mappings(cls, tasks: Any) -> Any:
+        return _task_list(tasks)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskScoring] | None) -> list[TaskScoring] | None:
+        return None if tasks is None else _unique_task_names(tasks)
+
+    @field_serializer("tasks")
+    def _plain_names_as_strings(self, tasks: list[TaskScoring] | None) -> list | None:
+        return _dump_tasks(tasks)
+
+    @property
+    def task_names(self) -> list[str] | None:
+        return None if self.tasks is None else [t.task for t in self.tasks]
+
+    def stated_scoring(self) -> dict[str, dict[str, Any]] | None:
+        """Task -> the scoring settings this config states (None: the calibration's tasks, as calibrated);
+        `Calibration.scoring_for` checks them against what the calibration scored."""
+        return None if self.tasks is None else {t.task: t.settings() for t in self.tasks}
 
     @field_validator("estimator")
     @classmethod
@@ -145,11 +240,11 @@ class RunConfig(_Strict):
             raise ValueError(f"objectives: {min(n for n in names if names.count(n) > 1)!r} is listed twice")
         if not any(o.task for o in self.objectives):
             raise ValueError("objectives: at least one objective must be a task (costs alone rank nothing useful)")
-        if self.fitness.tasks is not None:
-            missing = [o.task for o in self.objectives if o.task and o.task not in self.fitness.tasks]
+        if self.fitness.task_names is not None:
+            missing = [o.task for o in self.objectives if o.task and o.task not in self.fitness.task_names]
             if missing:
                 raise ValueError(f"objectives: task {missing[0]!r} is not among fitness.tasks "
-                                 f"({', '.join(self.fitness.tasks)}): add it there or drop the objective")
+                                 f"({', '.join(self.fitness.task_names)}): add it there or drop the objective")
         if self.algorithm.name == "moead" and self.max_path_length is not None:
             raise ValueError("algorithm.name: moead does not take constraints (max_path_length): use nsga2 or nsga3")
         if self.algorithm.name == "ga" and len(self.objectives) > 1:
@@ -192,11 +287,24 @@ def _owner(model: type[BaseModel], loc: list) -> tuple[type[BaseModel], str | No
     """The model that holds the field at loc (nested configs), and that field's description."""
     owner, desc = model, None
     for i, part in enumerate(loc):
+        if isinstance(part, int):  # an item of a list field: its model was found with the field
+            continue
         f = owner.model_fields.get(str(part))
         if f is None:
             break
         desc = f.description
-        ann = f.annotation
-        if i < len(loc) - 1 and isinstance(ann, type) and issubclass(ann, BaseModel):
-            owner = ann
+        nested = _nested_model(f.annotation)
+        if i < len(loc) - 1 and nested is not None:
+            owner = nested
     return owner, desc
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside a field's annotation: X, list[X], X | None, list[X] | None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -45,7 +45,7 @@ class ExportError(EvomergeError):
 class Verification:
     """A re-loaded checkpoint's full-task scores and whether its anchor answers equal the ledger's."""
 
-    scores: dict[str, dict[str, Any]]  # task -> {"accuracy", "items", "metric", "estimated"}
+    scores: dict[str, dict[str, Any]]  # task -> {"accuracy", "items", "metric", "filter", "estimated"}
     checked: int  # anchor answers compared
     mismatches: list[dict[str, Any]] = field(default_factory=list)  # {"task", "item", "ledger", "exported"}
 
@@ -160,8 +160,9 @@ class _Verifier:
 
         self.config = config
         self.search = [Path(config_dir), Path.cwd()]
-        self.tasks = list(config.fitness.tasks or Calibration.load(find_path(config.fitness.calibration,
-                                                                                self.search)).tasks)
+        calibration = Calibration.load(find_path(config.fitness.calibration, self.search))
+        self.scoring = calibration.scoring_for(config.fitness.stated_scoring())  # as the search scored
+        self.tasks = list(self.scoring)
         self.device = device
         self.scorer = None
 
@@ -189,7 +190,7 @@ class _Verifier:
                     mismatches.append({"task": t, "item": int(item), "ledger": int(want), "exported": int(got)})
         estimator = self.config.fitness.estimator
         scores = {t: {"accuracy": float(full[t].value), "items": int(full[t].item_ids.size), "metric": full[t].metric,
-                      "estimated": _estimate(rec, t, estimator)} for t in self.tasks}
+                      "filter": full[t].filter, "estimated": _estimate(rec, t, estimator)} for t in self.tasks}
         del model
         return Verification(scores, checked, mismatches)
 
@@ -201,7 +202,8 @@ class _Verifier:
 
         fitness = self.config.fitness
         return Scorer(self.tasks, [find_path(p, self.search) for p in fitness.task_paths],
-                      tokenizer=AutoTokenizer.from_pretrained(path), batch_size=fitness.batch_size, device=self.device)
+                      tokenizer=AutoTokenizer.from_pretrained(path), batch_size=fitness.batch_size, device=self.device,
+                      scoring=self.scoring)
 
 
 def _estimate(rec: Record, task: str, estimator: str) -> float | None:

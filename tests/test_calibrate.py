@@ -55,6 +55,7 @@ def test_calibrate_scores_fits_and_is_reproducible(setup, capsys):
         anchors = calibration.anchors(task)
         assert len(anchors) == 8 and set(anchors) <= {str(i) for i in range(n_items)}
         assert set(calibration.task(task).sources) == {"a", "b"}
+        assert calibration.task(task).scoring == {"metric": "acc", "filter": "none"}  # what a search must score
         responses = read_responses(root / "out" / "calibration.responses" / f"{task}.csv")
         assert responses.models == ["a", "b", "base"] + [f"merge_{i}" for i in range(6)]
         assert responses.values.shape == (9, n_items) and not np.isnan(responses.values).any()

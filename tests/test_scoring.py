@@ -64,6 +64,19 @@ metric_list:
     higher_is_better: true
 """
 
+# two filters of one generation: the whole output, or its first non-space character; targets make them disagree
+FILTERS_YAML = GEN_YAML.replace("task: t_gen", "task: t_filters").replace("gen.jsonl", "filters.jsonl") + """\
+filter_list:
+  - name: whole
+    filter:
+      - function: take_first
+  - name: first_char
+    filter:
+      - function: regex
+        regex_pattern: '(\\S)'
+      - function: take_first
+"""
+
 PROB_YAML = """\
 include: ../../mc/t_mc.yaml
 task: t_prob
@@ -115,10 +128,10 @@ def _arith_rows(n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def _greedy_reference(model, tok, prompt: str) -> str:
+def _greedy_reference(model, tok, prompt: str, max_new_tokens: int = 4) -> str:
     """What lm-eval's generate_until should return for `prompt` (HF generate, no padding, cut at the stop)."""
     ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split(GEN_STOP)[0]
 
 
@@ -159,6 +172,17 @@ def tasks_dir(tmp_path_factory, base_model, tok) -> Path:
         gen.append({"q": r["q"], "target": out if i % 2 == 0 else out + "#"})
     _write(root / "gen" / "gen.jsonl", "\n".join(json.dumps(r) for r in gen))
     _write(root / "gen" / "t_gen.yaml", GEN_YAML)
+    # t_filters: the whole output is the target on even items, its first character on odd ones; `one` is the
+    # output of a 1-token budget
+    rows_f = []
+    for i, r in enumerate(rows[:N_GEN]):
+        out = _greedy_reference(base_model, tok, r["q"])
+        rows_f.append({"q": r["q"], "target": out if i % 2 == 0 else out.strip()[:1],
+                       "one": _greedy_reference(base_model, tok, r["q"], max_new_tokens=1)})
+    _write(root / "gen" / "filters.jsonl", "\n".join(json.dumps(r) for r in rows_f))
+    _write(root / "gen" / "t_filters.yaml", FILTERS_YAML)
+    _write(root / "gen" / "t_short.yaml", FILTERS_YAML.replace("task: t_filters", "task: t_short")
+           .replace("doc_to_target: target", "doc_to_target: one"))
     _write(root / "prob" / "deep" / "t_prob.yaml", PROB_YAML)
     _write(root / "prob" / "deep" / "utils.py", PROB_UTILS)
     return root
@@ -249,6 +273,72 @@ def test_generate_until_task_scores_exact_match_per_item(scorer, base_model):
     r = scorer.score(base_model, {"t_gen": list(range(N_GEN))})["t_gen"]
     assert r.metric == "exact_match" and r.threshold is None
     assert r.correct.tolist() == [1.0 - i % 2 for i in range(N_GEN)]  # targets: own output on even items
+
+
+@pytest.mark.slow
+def test_the_chosen_filter_is_the_one_scored_as_lm_eval_scores_it(tasks_dir, tok, base_model):
+    """Once only a task's first filter was scored (mgsm_direct_ja by remove_whitespace, not flexible-extract)."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.fitness.tasks import TaskLoader
+
+    ids = list(range(N_GEN))
+    by_filter = {}
+    for name in ("whole", "first_char"):
+        scorer = Scorer(["t_filters"], [tasks_dir], tokenizer=tok, batch_size=4, scoring={"t_filters": {"filter": name}})
+        r = scorer.score(base_model, {"t_filters": ids})["t_filters"]
+        assert r.filter == name and scorer.settings("t_filters") == {"metric": "exact_match", "filter": name}
+        by_filter[name] = r.raw.tolist()
+    default = Scorer(["t_filters"], [tasks_dir], tokenizer=tok, batch_size=4)
+    assert default.settings("t_filters")["filter"] == "whole"  # the task's first, as lm-eval reports first
+    assert by_filter["whole"] != by_filter["first_char"]  # the filters disagree on these items
+    assert by_filter["first_char"][1::2] == [1.0] * (N_GEN // 2)  # odd targets: the first character
+
+    lm = HFLM(pretrained=base_model, tokenizer=tok, device="cpu", batch_size=4)
+    ref = evaluate(lm, {"tasks": {"t_filters": TaskLoader([tasks_dir]).load("t_filters")}}, log_samples=True,
+                   bootstrap_iters=0)
+    for name, values in by_filter.items():
+        per_item = {s["doc_id"]: s["exact_match"] for s in ref["samples"]["t_filters"] if s["filter"] == name}
+        assert values == [per_item[i] for i in ids], name
+
+
+@pytest.mark.slow
+def test_max_gen_toks_is_the_budget_generated(tasks_dir, tok, base_model):
+    """t_short's targets are each item's 1-token greedy output: right with max_gen_toks 1, not with the task's 4."""
+    ids = list(range(N_GEN))
+    one = Scorer(["t_short"], [tasks_dir], tokenizer=tok, batch_size=4, scoring={"t_short": {"max_gen_toks": 1}})
+    four = Scorer(["t_short"], [tasks_dir], tokenizer=tok, batch_size=4)
+    assert one.score(base_model, {"t_short": ids})["t_short"].raw.tolist() == [1.0] * N_GEN
+    assert four.score(base_model, {"t_short": ids})["t_short"].raw.mean() < 1
+    assert one.settings("t_short") == {"metric": "exact_match", "filter": "whole", "max_gen_toks": 1}
+    kwargs = Scorer(["t_short"], [tasks_dir], tokenizer=tok, batch_size=4,
+                    scoring={"t_short": {"generation_kwargs": {"max_gen_toks": 1}}})
+    assert kwargs.score(base_model, {"t_short": ids})["t_short"].raw.tolist() == [1.0] * N_GEN
+
+
+def test_unknown_filters_and_misplaced_generation_settings_are_named(tasks_dir, tok):
+    with pytest.raises(FitnessError, match="task 't_filters' has no filter 'first_chr': did you mean 'first_char'\\? "
+                                           "its filters are whole, first_char"):
+        Scorer(["t_filters"], [tasks_dir], tokenizer=tok, scoring={"t_filters": {"filter": "first_chr"}})
+    with pytest.raises(FitnessError, match="task 't_mc' is a multiple_choice task: max_gen_toks and generation_kwargs "
+                                           "apply to generate_until tasks only"):
+        Scorer(["t_mc"], [tasks_dir], tokenizer=tok, scoring={"t_mc": {"max_gen_toks": 8}})
+    with pytest.raises(FitnessError, match="unknown scoring setting 'metrc'"):
+        Scorer(["t_mc"], [tasks_dir], tokenizer=tok, scoring={"t_mc": {"metrc": "acc"}})
+    assert Scorer(["t_mc"], [tasks_dir], tokenizer=tok, scoring={"t_mc": {"filter": "none"}}).settings("t_mc") == {
+        "metric": "acc", "filter": "none"}
+
+
+@pytest.mark.slow
+def test_batch_size_auto_scores_as_a_fixed_batch_and_prints_nothing(scorer, tasks_dir, tok, base_model, capfd):
+    auto = Scorer(["t_mc", "t_gen"], [tasks_dir], tokenizer=tok, batch_size="auto")
+    capfd.readouterr()
+    got = auto.score(base_model, {"t_mc": list(range(N_ITEMS)), "t_gen": list(range(N_GEN))})
+    want = scorer.score(base_model, {"t_mc": list(range(N_ITEMS)), "t_gen": list(range(N_GEN))})
+    for t in got:
+        np.testing.assert_array_equal(got[t].raw, want[t].raw)
+    assert capfd.readouterr().out == ""
 
 
 @pytest.mark.slow
@@ -343,8 +433,8 @@ def test_tags_and_unknown_metrics_are_refused(tasks_dir, tmp_path, tok):
            .replace("../data/add.jsonl", str(tasks_dir / "data" / "add.jsonl")))
     with pytest.raises(FitnessError, match="'arith' is an lm-eval tag.*t_tagged"):
         Scorer(["arith"], [tmp_path / "t"], tokenizer=tok)
-    with pytest.raises(FitnessError, match="has no metric 'f1': choose one of acc, acc_norm"):
-        Scorer(["t_mc"], [tasks_dir], tokenizer=tok, metrics={"t_mc": "f1"})
+    with pytest.raises(FitnessError, match="has no metric 'f1': its metrics are acc, acc_norm"):
+        Scorer(["t_mc"], [tasks_dir], tokenizer=tok, scoring={"t_mc": {"metric": "f1"}})
 
 
 def test_a_model_on_another_device_is_refused(tasks_dir, tok, base_model):

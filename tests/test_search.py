@@ -126,6 +126,10 @@ def test_kill_minus_nine_then_resume_gives_the_same_front(workspace):
     ({"fitness": {"calibration": "calibration.json", "tasks": ["t_add", "t_nope"], "task_paths": ["tasks"]},
       "objectives": [{"task": "t_add"}]}, "fitness.tasks: task 't_nope'"),
     ({"fitness": {"calibration": "run.yaml"}}, "fitness.calibration"),
+    # the calibration's anchors and IRT hold for what it scored (recorded in it): a run cannot score another metric
+    ({"fitness": {"calibration": "calibration.json", "task_paths": ["tasks"],
+                  "tasks": [{"task": "t_add", "metric": "acc_norm"}, "t_more"]}},
+     "fitness.tasks: task 't_add': metric 'acc_norm' is not what the calibration scored ('acc')"),
     ({"fitness": {"calibration": "calibration.json", "task_paths": ["tasks", "taks"]}},  # once failed in generation 0
      "fitness.task_paths[1]: WS/taks is not a folder"),
     ({"sources": {"models": {"a": "models/source_0", "b": "models/wide"}, "base_model": "models/base"}},
@@ -175,6 +179,20 @@ def test_allow_nonfinite_lets_a_poisoned_source_through_the_checks(workspace):
     path.write_text(yaml.safe_dump(doc))
     prepared = prepare(load_config(path, RunConfig), workspace, str(path))
     assert prepared.config.sources.allow_nonfinite and prepared.layer_counts["b"] == 4
+
+
+def test_a_run_may_state_the_scoring_its_calibration_recorded(workspace):
+    from evomerge.config import RunConfig, load_config
+    from evomerge.search.session import prepare
+
+    doc = yaml.safe_load((workspace / "run.yaml").read_text())
+    doc["fitness"]["tasks"] = [{"task": "t_add", "metric": "acc", "filter": "none"}, "t_more"]
+    path = workspace / "stated.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    config = prepare(load_config(path, RunConfig), workspace, str(path)).config
+    assert config.fitness.stated_scoring() == {"t_add": {"metric": "acc", "filter": "none"}, "t_more": {}}
+    assert config.model_dump(mode="json")["fitness"]["tasks"] == [  # the snapshot keeps names as names
+        {"task": "t_add", "metric": "acc", "filter": "none"}, "t_more"]
 
 
 @pytest.mark.slow

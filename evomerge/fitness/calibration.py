@@ -34,6 +34,7 @@ class TaskCalibration:
     ability_cov: np.ndarray | None = None  # (D, D)
     seed: int = 0
     diagnostics: dict[str, Any] = field(default_factory=dict)  # held-out errors, fit time, ... (not used to estimate)
+    scoring: dict[str, Any] = field(default_factory=dict)  # what was scored: metric, filter, generation settings
 
     def __post_init__(self) -> None:
         self._position = {item: i for i, item in enumerate(self.item_ids)}
@@ -76,6 +77,7 @@ class TaskCalibration:
                 "mean": _floats(self.ability_mean), "cov": _floats(self.ability_cov)},
             "seed": self.seed,
             "diagnostics": self.diagnostics,
+            "scoring": self.scoring,
         }
 
     @classmethod
@@ -97,6 +99,7 @@ class TaskCalibration:
             ability_cov=None if prior is None else np.array(prior["cov"], dtype=np.float64),
             seed=int(d.get("seed", 0)),
             diagnostics=d.get("diagnostics", {}),
+            scoring=dict(d.get("scoring") or {}),  # absent in calibrations from imported responses
         )
 
 
@@ -123,6 +126,22 @@ class Calibration:
     def anchor_weights(self, task: str) -> dict[str, float]:
         cal = self.task(task)
         return dict(zip(cal.anchor_ids, map(float, cal.weights)))
+
+    def scoring_for(self, requested: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+        """Task -> what to score, for a run that asks for `requested` (task -> the settings it states; None:
+        every calibrated task, as calibrated). The calibration's anchors and IRT parameters were fitted on what
+        it scored, so a setting the run states must be the recorded one."""
+        out = {}
+        for name, stated in (requested if requested is not None else {t: {} for t in self.tasks}).items():
+            recorded = self.task(name).scoring
+            for key, value in stated.items():
+                if recorded.get(key) != value:
+                    raise FitnessError(
+                        f"task {name!r}: {key} {value!r} is not what the calibration scored "
+                        f"({recorded.get(key, 'the task default')!r}): its anchors and IRT parameters hold for that "
+                        "only: drop the setting, or calibrate again with it")
+            out[name] = dict(recorded)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -17,7 +17,9 @@ and equals the full run's.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,8 @@ def _is_binary(raw: np.ndarray) -> bool:
 
 # ---------------------------------------------------------------- the lm-eval model wrapper
 
+CPU_AUTO_BATCH = 16  # batch_size auto on CPU (see LiveLM._detect_batch_size)
+
 
 class _StandIn:
     """What HFLM's constructor reads from a model (config, device), without being a model: HFLM then
@@ -99,6 +103,7 @@ def _live_lm_class():
                 backend="causal", batch_size=batch_size, max_length=max_length,
             )
             self._encodings: dict[tuple, list[int]] = {}
+            self._auto_batch: dict[tuple, int] = {}
             self.set_model(model)
 
         def set_model(self, model: torch.nn.Module) -> None:
@@ -125,6 +130,20 @@ def _live_lm_class():
                 enc = super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
                 self._encodings[key] = enc
             return list(enc)
+
+        def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+            """batch_size "auto": lm-eval's probe (from max_batch_size, halving on out-of-memory) on an
+            accelerator, run once per request kind and depth of model (a longer data-flow path needs more
+            memory), not on every call. On CPU nothing signals "too big" before the machine swaps, and lm-eval
+            would probe max_batch_size sequences of the model's whole context: there auto means CPU_AUTO_BATCH."""
+            key = (requests is None, getattr(self._config, "num_hidden_layers", None))
+            if key not in self._auto_batch:
+                if self.device.type == "cpu":
+                    self._auto_batch[key] = CPU_AUTO_BATCH
+                else:
+                    with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints its findings
+                        self._auto_batch[key] = super()._detect_batch_size(requests, pos)
+            return self._auto_batch[key]
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if hasattr(self.model, "generate"):
@@ -196,6 +215,51 @@ class _Prepared:
     filter: Any  # the FilterEnsemble whose output is scored
     metric: str
     aggregate: Any  # the task's aggregation function of the metric
+    generation: dict[str, Any]  # overrides of the task's generation kwargs (max_gen_toks included)
+
+
+SETTINGS = ("metric", "filter", "max_gen_toks", "generation_kwargs")
+
+
+def _filter_of(task_name: str, task, name: str | None):
+    """The task's filter pipeline called `name` (default: its first, lm-eval's default report; a task without
+    filters scores its first response as it is, under the name "none")."""
+    from lm_eval.filters import build_filter_ensemble
+
+    pipelines = {f["name"]: f for f in task.config.filter_list or []}
+    if name is None or (name == "none" and not pipelines):
+        if not pipelines:
+            return build_filter_ensemble("none", [["take_first", None]])
+        name = next(iter(pipelines))
+    if name not in pipelines:
+        close = difflib.get_close_matches(name, pipelines, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FitnessError(f"task {task_name!r} has no filter {name!r}: {hint}its filters are "
+                           f"{', '.join(pipelines) or 'none (it scores the raw output: filter none)'}")
+    f = pipelines[name]
+    return build_filter_ensemble(
+        name, [[fn["function"], {k: v for k, v in fn.items() if k != "function"}] for fn in f["filter"]])
+
+
+def _generation_overrides(task_name: str, task, settings: Mapping[str, Any]) -> dict[str, Any]:
+    overrides = dict(settings.get("generation_kwargs") or {})
+    if settings.get("max_gen_toks") is not None:
+        overrides["max_gen_toks"] = int(settings["max_gen_toks"])
+    if overrides and task.config.output_type != "generate_until":
+        raise FitnessError(f"task {task_name!r} is a {task.config.output_type} task: max_gen_toks and generation_kwargs "
+                           "apply to generate_until tasks only")
+    return overrides
+
+
+def _public_generation(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """Generation overrides as a TaskScoring writes them (max_gen_toks on its own)."""
+    rest = {k: v for k, v in generation.items() if k != "max_gen_toks"}
+    out: dict[str, Any] = {}
+    if "max_gen_toks" in generation:
+        out["max_gen_toks"] = generation["max_gen_toks"]
+    if rest:
+        out["generation_kwargs"] = rest
+    return out
 
 
 class Scorer:
@@ -209,7 +273,7 @@ class Scorer:
         tokenizer,
         batch_size: int | str = 16,
         device: str | torch.device = "cpu",
-        metrics: Mapping[str, str] | None = None,
+        scoring: Mapping[str, Mapping[str, Any]] | None = None,
         thresholds: Mapping[str, float] | None = None,
         fewshot_seed: int = 1234,
         max_length: int | None = None,
@@ -217,9 +281,9 @@ class Scorer:
     ) -> None:
         """tasks: lm-eval task names, looked up in the project's fitness/ folder, then `include_paths` (later
         folders win), then lm-eval's built-ins (datasets from the local HF cache). tokenizer: a tokenizer object
-        (or a local path). batch_size: lm-eval's (an int, or "auto" to probe the largest that fits).
-        device: where the scored models live. metrics: task -> metric scored per item (default: the task's
-        first metric). thresholds: task -> fixed threshold for a continuous metric; without one, each call
+        (or a local path). batch_size: lm-eval's (an int, or "auto": see LiveLM._detect_batch_size).
+        device: where the scored models live. scoring: task -> what is scored ({metric, filter, max_gen_toks,
+        generation_kwargs}, each optional: the task's first metric and first filter by default). thresholds: task -> fixed threshold for a continuous metric; without one, each call
         binarizes with the mean-keeping threshold of its own scores, which moves with the candidate, so a
         search should fix it from calibration data. fewshot_seed: lm-eval's default, so prompts equal a full
         lm-eval run's. debug: keep lm-eval's logs and progress bars."""
@@ -233,23 +297,24 @@ class Scorer:
         self.max_length = max_length
         self.thresholds = dict(thresholds or {})
         self.debug = debug
-        metrics = dict(metrics or {})
-        for name in list(metrics) + list(self.thresholds):
+        scoring = {t: dict(v) for t, v in (scoring or {}).items()}
+        for name in list(scoring) + list(self.thresholds):
             if name not in tasks:
-                raise FitnessError(f"a metric or threshold is given for {name!r}, which is not among the tasks "
-                                   f"({', '.join(tasks)})")
+                raise FitnessError(f"scoring settings or a threshold are given for {name!r}, which is not among the "
+                                   f"tasks ({', '.join(tasks)})")
         paths = default_include_paths() + [Path(p) for p in include_paths]
         self.loader = TaskLoader(paths, debug=debug)
         self.tasks: dict[str, _Prepared] = {}
         for name in dict.fromkeys(tasks):
-            self.tasks[name] = self._prepare(name, metrics.get(name), fewshot_seed)
+            self.tasks[name] = self._prepare(name, scoring.get(name, {}), fewshot_seed)
         self._lm = None
 
     # -- building (once)
 
-    def _prepare(self, name: str, metric: str | None, fewshot_seed: int) -> _Prepared:
-        from lm_eval.filters import build_filter_ensemble
-
+    def _prepare(self, name: str, settings: dict[str, Any], fewshot_seed: int) -> _Prepared:
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise FitnessError(f"task {name!r}: unknown scoring setting {unknown[0]!r}: use {', '.join(SETTINGS)}")
         task = self.loader.load(name, fewshot_seed)
         with quiet(not self.debug):
             task.build_all_requests()  # every item, in order: prompts as in a full lm-eval run
@@ -261,25 +326,27 @@ class Scorer:
             insts.sort(key=lambda i: i.idx)
         docs = [insts[0].doc if insts else None for insts in by_doc]
         _memoize_doc_fields(task)
-
-        # the first filter pipeline of the task (lm-eval's default: take the first response)
-        flist = task.config.filter_list
-        if flist:
-            f = flist[0]
-            filt = build_filter_ensemble(
-                f["name"], [[fn["function"], {k: v for k, v in fn.items() if k != "function"}] for fn in f["filter"]]
-            )
-        else:
-            filt = build_filter_ensemble("none", [["take_first", None]])
+        generation = _generation_overrides(name, task, settings)
+        if generation:
+            for inst in task.instances:  # (context, gen_kwargs): lm-eval batches requests by their gen_kwargs
+                inst.arguments = (inst.arguments[0], {**inst.arguments[1], **generation})
 
         aggregations = task.aggregation()
+        metric = settings.get("metric")
         if metric is None:
             if not aggregations:
                 raise FitnessError(f"task {name!r} declares no metric: add a metric_list to its YAML")
             metric = next(iter(aggregations))
         elif metric not in aggregations:
-            raise FitnessError(f"task {name!r} has no metric {metric!r}: choose one of {', '.join(aggregations)}")
-        return _Prepared(task, by_doc, docs, filt, metric, aggregations[metric])
+            raise FitnessError(f"task {name!r} has no metric {metric!r}: its metrics are {', '.join(aggregations)}")
+        return _Prepared(task, by_doc, docs, _filter_of(name, task, settings.get("filter")), metric,
+                         aggregations[metric], generation)
+
+    def settings(self, task: str) -> dict[str, Any]:
+        """What is scored for `task`, resolved: metric and filter by name, and any generation overrides (what a
+        calibration records, so that the search and export --verify score the same thing)."""
+        prep = self._get(task)
+        return {"metric": prep.metric, "filter": prep.filter.name, **_public_generation(prep.generation)}
 
     def num_items(self, task: str) -> int:
         """Number of items (documents) in the task's evaluation split (test, else validation)."""
@@ -332,7 +399,8 @@ class Scorer:
                         by_type.setdefault(inst.request_type, []).append(inst)
             for reqtype, reqs in by_type.items():
                 cloned = [r for r in reqs for _ in range(r.repeats)]
-                resps = getattr(lm, reqtype)(cloned, disable_tqdm=not self.debug)
+                with contextlib.redirect_stdout(io.StringIO()) if not self.debug else contextlib.nullcontext():
+                    resps = getattr(lm, reqtype)(cloned, disable_tqdm=not self.debug)  # (lm-eval prints on auto)
                 for resp, req in zip(resps, cloned, strict=True):
                     req.resps.append(resp)
 
@@ -366,7 +434,7 @@ class Scorer:
             metrics = prep.task.process_results(prep.docs[d], [i.filtered_resps[key] for i in prep.by_doc[d]])
             if prep.metric not in metrics:
                 raise FitnessError(f"task {task!r} gives no per-item {prep.metric!r} (it gives "
-                                   f"{', '.join(metrics)}): choose one of those with metrics={{{task!r}: ...}}")
+                                   f"{', '.join(metrics)}): choose one of those as its metric")
             values.append(metrics[prep.metric])
         try:
             raw_u = np.asarray(values, dtype=np.float64)  # (u,)

@@ -80,10 +80,11 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
     here = config_path.resolve().parent
     search = [here, Path.cwd()]
     if config.responses is not None:
-        missing = [t for t in config.tasks if t not in config.responses]
+        missing = [t for t in config.task_names if t not in config.responses]
         if missing:
             raise ConfigError(f"{config_path}: responses has no file for task {missing[0]!r}: add {missing[0]}: PATH")
-        responses = {t: read_responses(find_path(config.responses[t], search)) for t in config.tasks}
+        responses = {t: read_responses(find_path(config.responses[t], search)) for t in config.task_names}
+        scoring = {t.task: t.settings() for t in config.tasks}  # as stated: nothing here resolves defaults
     else:
         if config.base_model is None:
             raise ConfigError(f"{config_path}: field 'base_model' is missing: the reference merges are task "
@@ -94,10 +95,12 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
 
         paths = {n: resolve_model(p, search, f"{config_path}: models.{n}") for n, p in config.models.items()}
         paths[config.base_model] = resolve_model(config.base_model, search, f"{config_path}: base_model")
-        scorer = Scorer(tasks=config.tasks, include_paths=[find_path(p, search) for p in config.task_paths],
+        scorer = Scorer(tasks=config.task_names, include_paths=[find_path(p, search) for p in config.task_paths],
                         tokenizer=AutoTokenizer.from_pretrained(paths[config.base_model]),
-                        batch_size=config.batch_size, device=config.device)
-        for task in config.tasks:
+                        batch_size=config.batch_size, device=config.device,
+                        scoring={t.task: t.settings() for t in config.tasks})
+        scoring = {t: scorer.settings(t) for t in config.task_names}  # resolved: the task defaults by name
+        for task in config.task_names:
             if config.anchors > scorer.num_items(task):
                 raise ConfigError(f"{config_path}: field 'anchors': {config.anchors} anchors but task {task!r} has "
                                   f"only {scorer.num_items(task)} items: lower anchors")
@@ -107,6 +110,8 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
         log.info("scored %d reference models in %.1f s", len(refs), time.perf_counter() - start)
     calibration = fit_calibration(responses, n_anchors=config.anchors, seed=config.seed,
                                   anchor_method=config.anchor_method, sources=list(config.models))
+    for task, settings in scoring.items():  # the search and export --verify score exactly this
+        calibration.tasks[task].scoring = settings
     return calibration, responses
 
 

@@ -46,10 +46,11 @@ def check_calibration(config: RunConfig, path: Path, where: str) -> None:
         raise ConfigError(f"{where}: fitness.calibration: {config.fitness.calibration} does not exist: "
                           "write it with `evomerge calibrate`")
     try:
-        calibrated = set(Calibration.load(path).tasks)
+        calibration = Calibration.load(path)
     except EvomergeError as e:
         raise ConfigError(f"{where}: fitness.calibration: {e}") from None
-    for field, tasks in (("fitness.tasks", config.fitness.tasks or []),
+    calibrated = set(calibration.tasks)
+    for field, tasks in (("fitness.tasks", config.fitness.task_names or []),
                          ("objectives", [o.task for o in config.objectives if o.task])):
         missing = [t for t in tasks if t not in calibrated]
         if missing:
@@ -58,6 +59,10 @@ def check_calibration(config: RunConfig, path: Path, where: str) -> None:
             raise ConfigError(f"{where}: {field}: task {missing[0]!r} is not in the calibration "
                               f"{config.fitness.calibration} (its tasks: {', '.join(sorted(calibrated))}): "
                               f"{hint}calibrate it with `evomerge calibrate`, or drop it")
+    try:
+        calibration.scoring_for(config.fitness.stated_scoring())
+    except EvomergeError as e:
+        raise ConfigError(f"{where}: fitness.tasks: {e}") from None
 
 
 def check_task_paths(folders: list[Path], where: str) -> None:

@@ -86,12 +86,13 @@ class Evaluator:
         self._checked: set[str] = set()  # live source models whose weights were checked
 
         self.calibration = Calibration.load(find_path(config.fitness.calibration, search))
-        self.tasks = list(config.fitness.tasks or self.calibration.tasks)
+        scoring = self.calibration.scoring_for(config.fitness.stated_scoring())  # what the calibration scored
+        self.tasks = list(scoring)
         self.anchors = {t: self.calibration.anchors(t) for t in self.tasks}
         self._anchor_ids = {t: [int(i) for i in ids] for t, ids in self.anchors.items()}
         self.scorer = Scorer(self.tasks, [find_path(p, search) for p in config.fitness.task_paths],
                              tokenizer=AutoTokenizer.from_pretrained(self.sources.paths[self.sources.base_ref]),
-                             batch_size=config.fitness.batch_size, device=self.device)
+                             batch_size=config.fitness.batch_size, device=self.device, scoring=scoring)
 
     # -- what the driver needs -------------------------------------------------------------------------
     def layer_counts(self) -> dict[str, int]:

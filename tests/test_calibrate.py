@@ -97,6 +97,13 @@ BAD = {
     "missing model": ({"models": {"a": "models/nope", "b": "models/source_1"}}, "models.a"),
     "too many anchors": ({"anchors": 500}, "anchor"),
     "no base": ({"base_model": None}, "base_model"),
+    "unknown filter": ({"tasks": [{"task": "t_add", "filter": "flexible-extract"}, "t_pairs"]},
+                       "task 't_add' has no filter 'flexible-extract': its filters are none"),
+    "unknown metric": ({"tasks": [{"task": "t_add", "metric": "exact_match"}, "t_pairs"]},
+                       "task 't_add' has no metric 'exact_match': its metrics are acc"),
+    "generation on a choice task": ({"tasks": [{"task": "t_add", "max_gen_toks": 64}]},
+                                    "task 't_add' is a multiple_choice task: max_gen_toks"),
+    "batch size": ({"batch_size": "max"}, "field 'batch_size': a batch size is a positive integer or auto"),
 }
 
 

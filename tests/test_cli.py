@@ -282,3 +282,25 @@ def test_weights_unreadable_for_permissions_are_named_as_such(llama, tmp_path):
         assert "No such file" not in out.stderr and not (workdir / "out").exists()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_front_plot_axes_are_labelled_without_offset_notation():
+    """Two points 5e-6 apart once read "58 ... 62" with an offset "1e-6+3.776e-1", and no axis said what it was."""
+    from evomerge.search.plot import MIN_ACCURACY_SPAN, front_figure
+
+    state = {"generation": 7, "front": [
+        {"id": "a", "objectives": {"t_add": 0.377600, "cost:params": 1_234_567_890}, "ties": 45},
+        {"id": "b", "objectives": {"t_add": 0.377605, "cost:params": 1_234_567_990}, "ties": 1}]}
+    fig = front_figure(state)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_xlabel() == "t_add: estimated accuracy (higher is better)"
+    assert ax.get_ylabel() == "params (parameters, lower is better)"
+    assert ax.xaxis.get_offset_text().get_text() == "" and ax.yaxis.get_offset_text().get_text() == ""
+    low, high = ax.get_xlim()
+    assert high - low >= MIN_ACCURACY_SPAN
+    x_ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert all(t.endswith("%") for t in x_ticks) and len(set(x_ticks)) == len(x_ticks)  # distinct, in percent
+    assert all(t.get_text().startswith("1,234,56") for t in ax.get_yticklabels())  # whole counts, no 1e9
+    assert [t.get_text() for t in ax.texts] == ["×45"]
+    assert ax.get_title() == "Pareto front, generation 7: 2 distinct (+44 tied)"

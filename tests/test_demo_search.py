@@ -149,7 +149,7 @@ def test_example_configs_in_runs_are_valid(name):
 
     path = demo.REPO / "runs" / name
     if name.endswith("calibrate.yaml"):
-        assert load_config(path, CalibrationConfig).tasks == list(demo.SEARCHED)
+        assert load_config(path, CalibrationConfig).task_names == list(demo.SEARCHED)
         return
     config = load_config(path, RunConfig)
     space = SearchSpace.load(config.search_space, sources=config.sources.models, base_model=config.sources.base_model)

@@ -26,6 +26,7 @@ from evomerge.search import (
     candidate_key,
     pareto_front,
 )
+from evomerge.search.ledger import collapse_ties
 from evomerge.search import rundir as rundir_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,17 @@ def test_queries_counts_and_front(tmp_path):
         assert [r.index for r in ledger.front({"a": "min", "b": "min"})] == [0, 2, 3]
         with pytest.raises(ValueError, match="direction"):
             pareto_front([], {"a": "up"})  # type: ignore[dict-item]
+
+
+def test_front_clones_collapse_to_their_earliest_candidate():
+    """A 40-generation run once listed 47 front members with 2 distinct score pairs."""
+    clones = [_ok(g, i, [g + i / 10], objectives={"a": 0.5, "b": 0.5}) for g, i in ((3, 1), (1, 2), (1, 0), (2, 0))]
+    other = _ok(0, 3, [0.0], objectives={"a": 0.9, "b": 0.1})
+    front = pareto_front([*clones, other], {"a": "max", "b": "max"})
+    assert len(front) == 5
+    groups = collapse_ties(front, ["a", "b"])
+    assert [(rep.key, [r.key for r in others]) for rep, others in groups] == [
+        (clones[2].key, [clones[1].key, clones[3].key, clones[0].key]), (other.key, [])]
 
 
 def test_schema_version_and_not_a_ledger(tmp_path):

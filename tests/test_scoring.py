@@ -286,7 +286,8 @@ def test_the_chosen_filter_is_the_one_scored_as_lm_eval_scores_it(tasks_dir, tok
     ids = list(range(N_GEN))
     by_filter = {}
     for name in ("whole", "first_char"):
-        scorer = Scorer(["t_filters"], [tasks_dir], tokenizer=tok, batch_size=4, scoring={"t_filters": {"filter": name}})
+        scorer = Scorer(["t_filters"], [tasks_dir], tokenizer=tok, batch_size=4,
+                        scoring={"t_filters": {"filter": name}})
         r = scorer.score(base_model, {"t_filters": ids})["t_filters"]
         assert r.filter == name and scorer.settings("t_filters") == {"metric": "exact_match", "filter": name}
         by_filter[name] = r.raw.tolist()

@@ -213,20 +213,11 @@ def test_cli_search_runs_on_local_ray_workers(workspace):
 
 @pytest.mark.slow
 def test_nan_candidates_are_recorded_as_failed_and_the_ray_search_goes_on(workspace):
-    """A data-flow search over a source whose weights hold a NaN: every path through that source fails (and is
-    ledgered as failed, with the reason), the others are scored, and the search runs to its budget."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    poisoned = workspace / "models" / "poisoned"
-    shutil.copytree(workspace / "models" / "source_1", poisoned)
-    (weights,) = poisoned.glob("*.safetensors")
-    tensors = load_file(weights)
-    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
-    save_file(tensors, weights, metadata={"format": "pt"})
+    """A data-flow search over a source whose weights hold NaN/inf, let through with sources.allow_nonfinite (it
+    is refused by default): every path through that layer fails (and is ledgered as failed, with the reason), the
+    others are scored, and the search runs to its budget."""
     config = {**yaml.safe_load((workspace / "run.yaml").read_text()),
-              "sources": {"models": {"a": "models/source_0", "p": "models/poisoned"}},
+              "sources": {"models": {"a": "models/source_0", "p": "models/poisoned"}, "allow_nonfinite": True},
               "search_space": {"preset": "dfs_paths"}, "algorithm": {"pop_size": 6, "generations": 2},
               "workers": {"count": 2, "cpus_per_worker": 1}}
     (workspace / "nan.yaml").write_text(yaml.safe_dump(config))

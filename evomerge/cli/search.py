@@ -123,16 +123,24 @@ def _search_to_the_end(run, prepared, args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown(value: float, objective) -> str:
+    return f"{value:.4f}" if objective.task else f"{value:,.0f}"
+
+
 def _print_front(state: dict, prepared, png: Path | None) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
-    names = [o.name for o in prepared.config.objectives]
-    table = Table(Column("id", no_wrap=True), *names, title=f"Pareto front: generation {state['generation']}/"
-                  f"{state['generations']}, {state['evaluations']['done']} evaluations "
-                  f"({state['evaluations']['failed']} failed)")
+    objectives = prepared.config.objectives
+    names = [o.name for o in objectives]
+    headers = [f"{o.task} (estimated accuracy)" if o.task else o.name for o in objectives]
+    table = Table(Column("id", no_wrap=True), *headers, Column("ties", justify="right"),
+                  title=f"Pareto front: generation {state['generation']}/{state['generations']}, "
+                  f"{state['evaluations']['done']} evaluations ({state['evaluations']['failed']} failed)",
+                  caption="ties: candidates with these same scores (export --all-ties writes them all)")
     for item in state["front"]:
-        table.add_row(item["id"], *(f"{item['objectives'][n]:.4f}" for n in names))
+        table.add_row(item["id"], *(_shown(item["objectives"][n], o) for n, o in zip(names, objectives)),
+                      str(item["ties"]))
     Console().print(table)
     if png:
         print(f"front plot: {png}")

@@ -246,8 +246,8 @@ def _generation_overrides(task_name: str, task, settings: Mapping[str, Any]) -> 
     if settings.get("max_gen_toks") is not None:
         overrides["max_gen_toks"] = int(settings["max_gen_toks"])
     if overrides and task.config.output_type != "generate_until":
-        raise FitnessError(f"task {task_name!r} is a {task.config.output_type} task: max_gen_toks and generation_kwargs "
-                           "apply to generate_until tasks only")
+        raise FitnessError(f"task {task_name!r} is a {task.config.output_type} task: max_gen_toks and "
+                           "generation_kwargs apply to generate_until tasks only")
     return overrides
 
 
@@ -283,7 +283,8 @@ class Scorer:
         folders win), then lm-eval's built-ins (datasets from the local HF cache). tokenizer: a tokenizer object
         (or a local path). batch_size: lm-eval's (an int, or "auto": see LiveLM._detect_batch_size).
         device: where the scored models live. scoring: task -> what is scored ({metric, filter, max_gen_toks,
-        generation_kwargs}, each optional: the task's first metric and first filter by default). thresholds: task -> fixed threshold for a continuous metric; without one, each call
+        generation_kwargs}, each optional: the task's first metric and first filter by default).
+        thresholds: task -> fixed threshold for a continuous metric; without one, each call
         binarizes with the mean-keeping threshold of its own scores, which moves with the candidate, so a
         search should fix it from calibration data. fewshot_seed: lm-eval's default, so prompts equal a full
         lm-eval run's. debug: keep lm-eval's logs and progress bars."""

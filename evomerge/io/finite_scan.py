@@ -2,8 +2,8 @@
 
 A float is NaN or inf exactly when its bits without the sign are at least its exponent mask (all exponent bits
 set), so the raw bits answer for every float format, bf16 included (which numpy has no dtype for): clear the
-sign, and only when a chunk's maximum reaches the mask, count (a clean chunk costs one AND and one max). The driver runs this
-before a search starts: a poisoned source would otherwise make every candidate fail, one by one.
+sign, and only when a chunk's maximum reaches the mask, count (a clean chunk costs one AND and one max).
+The driver runs this before a search starts: a poisoned source would otherwise fail every candidate, one by one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Tensor names, dtypes and shapes of a safetensors checkpoint, read from the file headers alone (no torch).
 
 A safetensors file starts with an 8-byte little-endian header length, then a JSON header that maps each
-tensor name to its dtype, shape and byte offsets (counted from the end of the header). Reading only that lets the search check its sources before
-it starts, in the driver process, which never imports torch.
+tensor name to its dtype, shape and byte offsets (counted from the end of the header). Reading only that lets
+the search check its sources before it starts, in the driver process, which never imports torch.
 """
 
 from __future__ import annotations

@@ -340,3 +340,18 @@ def pareto_front(records: Iterable[Record], objectives: Mapping[str, Direction])
         return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
     return [rec for rec, p in points if not any(dominates(q, p) for _, q in points)]
+
+
+def collapse_ties(front: Sequence[Record], names: Sequence[str]) -> list[tuple[Record, list[Record]]]:
+    """Front members with equal values of every objective in `names`, grouped: (representative, the others).
+    The representative is the earliest evaluated (generation, then index); groups come in the front's order.
+    A search breeds clones of a good genome, so a long run's front can hold dozens of equal score vectors."""
+    groups: dict[tuple[float, ...], list[Record]] = {}
+    for rec in front:
+        groups.setdefault(tuple(float(rec.objectives[n]) for n in names), []).append(rec)
+    out = []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: (r.generation, r.index))
+        out.append((members[0], members[1:]))
+    return out
+

@@ -1,8 +1,9 @@
 """Checks of a run config against the files it names, before a run directory exists (no torch).
 
 Every check that can fail later, in a worker, for every candidate, fails here instead, as one line that names
-the config field: source folders, the calibration and its tasks, the task folders, source compatibility (read from config.json
-and the safetensors headers), sources free of NaN/inf, and a search space that has something to search.
+the config field: source folders, the calibration and its tasks (and what it scored), the task folders,
+source compatibility (read from config.json and the safetensors headers), sources free of NaN/inf, and a
+search space that has something to search.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import yaml
 from evomerge.config import RunConfig, load_config
 from evomerge.io.documents import layer_count, read_model_config
 from evomerge.search.driver import generations, new_algorithm, objectives_of, run_generation
-from evomerge.search.ledger import Record, pareto_front
+from evomerge.search.ledger import Record, collapse_ties, pareto_front
 from evomerge.search.rundir import RunDir
 
 GENERATIONS_DONE = "generations_done"  # ledger meta: generations told to the algorithm, for status
@@ -116,7 +116,10 @@ def drive(run: RunDir, prepared: Prepared, pool, *, on_generation: Callable = la
 
 
 def status(run: RunDir, prepared: Prepared) -> dict:
-    """Generation, evaluations done and failed, and the current front (the JSON of `evomerge status`)."""
+    """Generation, evaluations done and failed, and the current front (the JSON of `evomerge status`).
+
+    The front lists each distinct objective vector once: its earliest candidate stands for the clones that tie
+    with it ("ties": how many share it, "tied_ids": the others)."""
     objectives = objectives_of(prepared.config)
     with run.open_ledger() as ledger:
         counts = ledger.counts()
@@ -129,6 +132,7 @@ def status(run: RunDir, prepared: Prepared) -> dict:
         "generation": done,
         "generations": prepared.config.algorithm.generations,
         "evaluations": {"done": counts.get("ok", 0) + counts.get("failed", 0), "failed": counts.get("failed", 0)},
-        "front": [{"id": r.key, "objectives": {o.name: show(o, r.objectives[o.name]) for o in objectives}}
-                  for r in front],
+        "front": [{"id": rep.key, "objectives": {o.name: show(o, rep.objectives[o.name]) for o in objectives},
+                   "ties": 1 + len(others), "tied_ids": [r.key for r in others]}
+                  for rep, others in collapse_ties(front, [o.name for o in objectives])],
     }

@@ -69,8 +69,10 @@ class Exported:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-def select(run: RunDir, prepared: Prepared, ids: Sequence[str] | None = None) -> list[Record]:
-    """The ledger records to export: those named by `ids` (full keys or unique prefixes), else the front."""
+def select(run: RunDir, prepared: Prepared, ids: Sequence[str] | None = None, *, all_ties: bool = False,
+           ) -> list[Record]:
+    """The ledger records to export: those named by `ids` (full keys or unique prefixes), else the front: one
+    candidate per distinct objective vector, or with `all_ties` every candidate of the front (clones included)."""
     from evomerge.search.session import status
 
     where = str(run.path)
@@ -81,7 +83,7 @@ def select(run: RunDir, prepared: Prepared, ids: Sequence[str] | None = None) ->
         raise ExportError(f"run {where} has no finished evaluations (status ok) yet: run or resume the search "
                           f"(`evomerge resume {where}`), then export")
     if ids is None:
-        keys = [f["id"] for f in status(run, prepared)["front"]]
+        keys = [k for f in status(run, prepared)["front"] for k in [f["id"], *(f["tied_ids"] if all_ties else [])]]
         if not keys:
             raise ExportError(f"run {where}: the front is empty ({len(ok)} candidates evaluated ok, none feasible): "
                               "name candidates with --ids")
@@ -220,22 +222,27 @@ def export_run(
     out: str | Path,
     *,
     ids: Sequence[str] | None = None,
+    all_ties: bool = False,
     verify: bool = False,
     force: bool = False,
     shard_size: str | int = "5GB",
     device: str = "cpu",
     log: Callable[[str], None] = lambda msg: None,
+    progress: Callable[[int, int, str], None] = lambda done, total, key: None,
 ) -> list[Exported]:
-    """Export the chosen candidates of a run (default: its front) to `out/<candidate id>/`.
+    """Export the chosen candidates of a run (default: its front, one per distinct objective vector unless
+    `all_ties`) to `out/<candidate id>/`.
 
     Everything that can be checked is checked before any model is loaded; `out` must be new or empty unless
-    `force`, which replaces only the directories of the candidates exported (other content is kept)."""
+    `force`, which replaces only the directories of the candidates exported (other content is kept).
+    `log` gets a line as each model starts; `progress(done, total, key)` counts the models (key: the one
+    under way), before each and once all are done."""
     from evomerge.io.save import parse_size, prepare_output_dir
     from evomerge.search.session import open_run
     from evomerge.worker.checkpoint_writer import check_device
 
     run, prepared = open_run(Path(run_dir))
-    records = select(run, prepared, ids)
+    records = select(run, prepared, ids, all_ties=all_ties)
     out = Path(out)
     prepare_output_dir(out, force=force)
     max_shard_bytes = parse_size(shard_size)
@@ -249,8 +256,10 @@ def export_run(
         sources = _Writer(config, prepared.config_dir, device)
         verifier = _Verifier(config, prepared.config_dir, device) if verify else None
         for n, rec in enumerate(records, 1):
+            progress(n - 1, len(records), rec.key)
             log(f"exporting {rec.key} ({n}/{len(records)})" + (" and verifying it on the full tasks" if verify else ""))
             done.append(_export_one(rec, out, sources, verifier, run, prepared, max_shard_bytes))
+        progress(len(records), len(records), "")
     finally:
         if created and not done:
             shutil.rmtree(out, ignore_errors=True)

@@ -79,7 +79,12 @@ def test_demo_stages_end_to_end(demo_workspace):
     front = status(run, prepared)["front"]
     exported = export_run(run.path, run.path / "front", ids=[f["id"] for f in front], force=True)
     paths = {e.key: e.path for e in exported}
-    rows = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir)
+    counted = []
+    rows = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir,
+                               progress=lambda *a: counted.append(a))
+    total = 4 + len(front)
+    assert counted == [(i, total, name) for i, name in enumerate(["adder", "translator", rows[2].name, rows[3].name,
+                                                                  *(f["id"] for f in front)])] + [(total, total, "")]
     kinds = [r.kind for r in rows]
     assert kinds == ["specialist"] * 2 + ["hand"] * 2 + ["front"] * len(front)
     assert [r.name for r in rows[:2]] == ["adder", "translator"]

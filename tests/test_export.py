@@ -53,7 +53,8 @@ def _records(run) -> dict[str, Record]:
 
 
 def _one_line_error(capsys, *words):
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("exporting ")]
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith(("exporting ", "export: "))]  # the per-model lines, the count with its ETA
     assert len(err) == 1 and err[0].startswith("evomerge: error:"), err
     assert all(w in err[0] for w in words), err[0]
     return err[0]
@@ -246,3 +247,33 @@ def test_an_error_midway_leaves_no_partial_model(recorded_run, tmp_path, capsys)
     assert main(["export", str(run.path), "--out", str(out), "--ids", f"{first},g0001-0000"]) == 2
     _one_line_error(capsys, "/nowhere/model")
     assert [p.name for p in out.iterdir()] == [first]
+
+
+@pytest.mark.slow
+def test_front_clones_are_listed_once_and_exported_once_unless_all_ties(workspace, tmp_path, capsys):
+    """Anchor means over 6 anchors take few values, so candidates tie: the front shows one per score vector,
+    with its tie count; export writes one each, and --all-ties every clone."""
+    from evomerge.search.ledger import pareto_front
+
+    config = yaml.safe_load((workspace / "run.yaml").read_text())
+    config["fitness"]["estimator"] = "anchor_mean"
+    config["algorithm"] = {"pop_size": 8, "generations": 3}
+    (workspace / "ties.yaml").write_text(yaml.safe_dump(config))
+    run, prepared = _search(workspace, "ties.yaml", "ties")
+    front = status(run, prepared)["front"]
+    full = pareto_front(_records(run).values(), {"t_add": "min", "t_more": "min"})
+    assert sum(f["ties"] for f in front) == len(full) > len(front)  # there are clones, and none is lost
+    assert len({tuple(f["objectives"].values()) for f in front}) == len(front)
+    tied = next(f for f in front if f["ties"] > 1)
+    records = _records(run)
+    assert all(records[k].objectives == records[tied["id"]].objectives for k in tied["tied_ids"])
+    assert all((records[tied["id"]].generation, records[tied["id"]].index) < (records[k].generation, records[k].index)
+               for k in tied["tied_ids"])  # the earliest stands for its clones
+
+    assert main(["export", str(run.path), "--out", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(f["id"] for f in front)
+    assert main(["export", str(run.path), "--out", str(tmp_path / "all"), "--all-ties"]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(r.key for r in full)
+    capsys.readouterr()
+    assert main(["export", str(run.path), "--out", str(tmp_path / "x"), "--all-ties", "--ids", tied["id"]]) == 2
+    assert "--all-ties applies to the front" in capsys.readouterr().err

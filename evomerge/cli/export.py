@@ -25,9 +25,12 @@ def add_export_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     export.add_argument("run_dir", type=Path, help="the run directory")
     export.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
     which = export.add_mutually_exclusive_group()
-    which.add_argument("--front", action="store_true", help="the current Pareto front, as `status` shows it (default)")
+    which.add_argument("--front", action="store_true", help="the current Pareto front, as `status` shows it: one "
+                       "candidate per distinct objective vector (default)")
     which.add_argument("--ids", default=None, help="comma-separated candidate ids (ledger keys, or unique prefixes "
                        "such as g0002-0003)")
+    export.add_argument("--all-ties", action="store_true", help="with the front: also every candidate that ties with "
+                        "a front member on all objectives (clones), not only the earliest of each")
     export.add_argument("--verify", action="store_true", help="load each export back with plain transformers, score "
                         "it on the full tasks, and check its anchor answers equal the ledger's")
     export.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing the "
@@ -38,6 +41,9 @@ def add_export_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from evomerge.cli.progress import counting
     from evomerge.export import export_run
 
     ids = None
@@ -46,9 +52,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not ids:
             raise EvomergeError("--ids is empty: give comma-separated candidate ids, e.g. --ids g0002-0003,g0004")
     start = time.perf_counter()
-    exported = export_run(args.run_dir, args.out, ids=ids, verify=args.verify, force=args.force,
-                          shard_size=args.shard_size, device=args.device,
-                          log=lambda msg: print(msg, file=sys.stderr))
+    if args.all_ties and ids is not None:
+        raise EvomergeError("--all-ties applies to the front: drop it, or drop --ids")
+    # a bar, or off a terminal plain lines "export: 2/5 models (40%), ..., ETA 3m10s" between the per-model ones
+    with counting(Console(stderr=True), "export", "models") as progress:
+        exported = export_run(args.run_dir, args.out, ids=ids, all_ties=args.all_ties, verify=args.verify,
+                              force=args.force, shard_size=args.shard_size, device=args.device,
+                              log=lambda msg: print(msg, file=sys.stderr), progress=progress)
     print(f"exported {len(exported)} model(s) to {args.out} in {time.perf_counter() - start:.1f} s")
     checked = [e for e in exported if e.verification is not None]
     if not checked:

@@ -46,6 +46,7 @@ SPECIALISTS = ("adder", "translator")
 _SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2; no BOS: nothing is ever prepended
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int, str], None]  # progress(steps done, steps in all, model being trained)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class KitConfig:
     replay: float = 0.2  # share of base-corpus lines in a specialist's training data
     # Base corpus mix: generic text, addition in prose, vocabulary (`ki ra is 12.`)
     mix: tuple[float, float, float] = (0.35, 0.35, 0.30)
-    log_every: int = 100  # steps between progress lines
+    log_every: int = 100  # steps between loss lines (done/total and an ETA: build_demo_kit(progress=...))
     data: data.DataSpec = field(default_factory=data.DataSpec)
 
     def key(self) -> str:
@@ -99,14 +100,19 @@ def build_demo_kit(
     *,
     config: KitConfig | None = None,
     threads: int | None = None,
+    progress: Progress | None = None,
 ) -> DemoKit:
     """Return the demo kit for `config`, building it into `cache_dir` unless a complete, verified copy
     is there already (then this takes milliseconds). `force` rebuilds anyway.
 
     `threads`: torch CPU threads while training (None: torch's default, one per core). On a machine
-    whose cores are busy with other work, 1 thread trains 2-3x faster than 2 contended ones."""
+    whose cores are busy with other work, 1 thread trains 2-3x faster than 2 contended ones.
+
+    `progress(done, total, name)` is called after every training step, counting the steps of all three
+    models (nothing is called when the kit is cached)."""
     config = config or KitConfig()
     log = log or (lambda msg: None)
+    progress = progress or (lambda done, total, name: None)
     cache_dir = Path(cache_dir)
     key = config.key()
     root = cache_dir / f"kit-{key[:12]}"
@@ -124,7 +130,7 @@ def build_demo_kit(
     tmp = Path(tempfile.mkdtemp(prefix=f".kit-{key[:12]}.partial-", dir=cache_dir))
     try:
         with _torch_threads(threads):
-            manifest = _build(tmp, config, key, log)
+            manifest = _build(tmp, config, key, log, progress)
         if root.exists():  # replaced: move aside first, so `root` is never half old, half new
             old = Path(tempfile.mkdtemp(prefix=f".kit-{key[:12]}.old-", dir=cache_dir))
             root.rename(old / "kit")
@@ -142,18 +148,25 @@ def build_demo_kit(
 # Building
 
 
-def _build(out: Path, config: KitConfig, key: str, log: Log) -> dict:
+def _build(out: Path, config: KitConfig, key: str, log: Log, progress: Progress) -> dict:
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     tokenizer = build_tokenizer(config.max_positions)
     spec = config.data
+    total = config.base_steps + len(SPECIALISTS) * config.specialist_steps
+    trained = 0  # steps of the models trained before this one
+
+    def on_step(name: str) -> Callable[[int], None]:
+        return lambda step: progress(trained + step, total, name)
 
     t0 = time.perf_counter()
     base = new_model(config, len(tokenizer))
     log(f"demo kit: training the base model ({_n_params(base) / 1e6:.2f}M parameters, "
         f"{config.base_steps} steps of {config.batch} x {config.block} characters)")
     corpus = _batches(lambda r: data.base_line(r, spec, config.mix), tokenizer, config, config.base_steps, "base")
-    train(base, corpus, lr=config.base_lr, weight_decay=config.base_weight_decay, config=config, log=log, name="base")
+    train(base, corpus, lr=config.base_lr, weight_decay=config.base_weight_decay, config=config, log=log, name="base",
+          on_step=on_step("base"))
+    trained += config.base_steps
     _save(base, tokenizer, out / "base")
     seconds["base"] = time.perf_counter() - t0
 
@@ -168,7 +181,8 @@ def _build(out: Path, config: KitConfig, key: str, log: Log) -> dict:
 
         corpus = _batches(line, tokenizer, config, config.specialist_steps, name)
         train(model, corpus, lr=config.specialist_lr, weight_decay=config.specialist_weight_decay,
-              config=config, log=log, name=name)
+              config=config, log=log, name=name, on_step=on_step(name))
+        trained += config.specialist_steps
         _save(model, tokenizer, out / name)
         seconds[name] = time.perf_counter() - t0
 
@@ -228,9 +242,10 @@ def _batches(line, tokenizer, config: KitConfig, steps: int, name: str) -> torch
 
 
 def train(model, batches: torch.Tensor, *, lr: float, weight_decay: float, config: KitConfig,
-          log: Log, name: str) -> list[float]:
+          log: Log, name: str, on_step: Callable[[int], None] = lambda steps_done: None) -> list[float]:
     """Next-character training over `batches` (steps, B, T+1); AdamW, linear warmup then cosine decay to
-    10% of lr. Deterministic: no dropout, no sampling. Returns the loss of each step."""
+    10% of lr. Deterministic: no dropout, no sampling. Returns the loss of each step; `on_step(steps done)`
+    after each."""
     steps = batches.shape[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
@@ -254,6 +269,7 @@ def train(model, batches: torch.Tensor, *, lr: float, weight_decay: float, confi
         opt.step()
         sched.step()
         losses.append(loss.item())
+        on_step(step + 1)
         if (step + 1) % config.log_every == 0 or step + 1 == steps:
             recent = losses[-min(len(losses), config.log_every):]
             log(f"  {name}: step {step + 1}/{steps}  loss {sum(recent) / len(recent):.3f}  "

@@ -25,23 +25,32 @@ if TYPE_CHECKING:
 FRONT_DIR = "front"  # the exported front models, in the run directory
 
 
+Progress = Callable[[int, int, str], None]  # progress(done, total, note): a stage counting its work
+
+
+def _ignore(done: int, total: int, note: str = "") -> None:
+    pass
+
+
 class DemoUI:
-    """How the demo shows its progress. This one shows nothing; the CLI's draws bars and logs lines."""
+    """How the demo shows its progress. This one shows nothing; the CLI's draws bars (or, off a terminal,
+    a few plain lines with done/total and an ETA) and logs lines."""
 
     def log(self, message: str) -> None:
         pass
 
-    def calibrating(self) -> AbstractContextManager[Callable[[int, int, str], None]]:
-        """While the reference models are scored: yields calibrate()'s progress(done, total, name)."""
-        return nullcontext(lambda done, total, name: None)
+    def counting(self, label: str, unit: str) -> AbstractContextManager[Progress]:
+        """While countable work runs (kit training steps, reference models, exports): yields its progress."""
+        return nullcontext(_ignore)
 
     def searching(self, generations: int, pop_size: int) -> AbstractContextManager[tuple[Callable, Callable]]:
         """While the search runs: yields drive()'s (on_generation, on_result)."""
         return nullcontext((lambda report: None, lambda record: None))
 
-    def waiting(self, message: str) -> AbstractContextManager:
-        """While work with no measure of progress runs (scoring hand recipes, the held-out table)."""
-        return nullcontext()
+    def waiting(self, message: str) -> AbstractContextManager[Progress | None]:
+        """While work runs whose size is known only once it starts (hand recipes, the held-out table): yields
+        its progress, which the stage calls once it can count; or None, from a display that shows no measure."""
+        return nullcontext(_ignore)
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,9 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
 
     ui = ui or DemoUI()
     stages.check_checkout()
-    build_demo_kit(inputs.cache_dir, log=ui.log, config=inputs.kit)
-    with ui.calibrating() as progress:
+    with ui.counting("training the demo kit", "steps") as progress:  # counts nothing when the kit is cached
+        build_demo_kit(inputs.cache_dir, log=ui.log, config=inputs.kit, progress=progress)
+    with ui.counting("calibrating: scoring reference models", "models") as progress:
         stages.ensure_calibration(ui.log, progress, inputs.calibrate_config)
     run, prepared = stages.open_demo_run(run_dir or stages.DEFAULT_RUN_DIR, inputs.run_config)
     ui.log(f"run directory: {run.path}")
@@ -86,11 +96,13 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
     else:
         hand = _search_and_hand_recipes(run, prepared, make_pool, ui)
     front = status(run, prepared)["front"]
-    exported = _export_front(run.path, front, ui.log)
+    with ui.counting("exporting the front", "models") as progress:
+        exported = _export_front(run.path, front, ui.log, progress)
     rows = stages.cached_table(run.path, front)
     if rows is None:
-        with ui.waiting("scoring on the held-out test splits"):
-            rows = stages.held_out_table(prepared, run.path, hand, front, exported, ui.log, inputs.tasks_dir)
+        with ui.waiting("scoring on the held-out test splits") as progress:
+            rows = stages.held_out_table(prepared, run.path, hand, front, exported, ui.log, inputs.tasks_dir,
+                                         progress or _ignore)
     return DemoResult(run.path, rows, stages.summary(rows))
 
 
@@ -114,17 +126,31 @@ def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: Dem
         png = plot_front(status(run, prepared), run.path / FRONT_PLOT)
         if png:
             ui.log(f"front plot: {png}")
-        with ui.waiting("scoring hand recipes (a grid of task_arithmetic and ties) on the search split"):
-            return stages.score_hand_recipes(prepared, pool, run.path, ui.log)
+        with ui.waiting("scoring hand recipes (a grid of task_arithmetic and ties) on the search split") as progress:
+            return stages.score_hand_recipes(prepared, _CountedPool(pool, progress or _ignore), run.path, ui.log)
 
 
-def _export_front(run_path: Path, front: list[dict], log) -> dict[str, Path]:
+def _export_front(run_path: Path, front: list[dict], log, progress: Progress = _ignore) -> dict[str, Path]:
     """candidate id -> its export in RUN_DIR/front/, exporting those not there yet."""
     from evomerge.export import export_run
 
     front_dir = run_path / FRONT_DIR
     todo = [f["id"] for f in front if not (front_dir / f["id"]).is_dir()]  # an export appears whole or not at all
     if todo:
-        export_run(run_path, front_dir, ids=todo, force=True, log=log)
+        export_run(run_path, front_dir, ids=todo, force=True, log=log, progress=progress)
     return {f["id"]: front_dir / f["id"] for f in front}
+
+
+class _CountedPool:
+    """A pool whose evaluate() reports each result to `progress` as it comes (the hand recipes' progress)."""
+
+    def __init__(self, pool, progress: Progress) -> None:
+        self.pool, self.progress = pool, progress
+
+    def evaluate(self, candidates):
+        candidates = list(candidates)
+        self.progress(0, len(candidates), "")
+        for done, result in enumerate(self.pool.evaluate(candidates), 1):
+            self.progress(done, len(candidates), result.key)
+            yield result
 

@@ -118,8 +118,10 @@ def best_hand(scored: Mapping[str, Mapping[str, float]], method: str) -> str:
 
 
 def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]], front: list[dict],
-                   exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR) -> list[Scored]:
-    """Score the specialists, the best hand recipes and the exported front models on every test item."""
+                   exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR,
+                   progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> list[Scored]:
+    """Score the specialists, the best hand recipes and the exported front models on every test item;
+    `progress(done, total, name)` counts the models (name: the one under way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -141,22 +143,29 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
             scores = scorer.score(model)
         return {t: float(scores[test_task].value) for t, test_task in TEST_TASKS.items()}
 
-    rows = []
+    rows: list[Scored] = []
+    total = len(sources) + 2 + len(front)  # the specialists, the best hand recipe of each method, the front
+
+    def starting(message: str, name: str) -> None:
+        log(message)
+        progress(len(rows), total, name)
+
     for name, path in sources.items():
-        log(f"test split: {name}")
+        starting(f"test split: {name}", name)
         rows.append(Scored(name, "specialist", {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
     recipes = hand_recipes(sources, config.sources.base_model)
     materializer = SourceModels(config, prepared.config_dir).materializer  # as the workers build it
     for method in ("task_arithmetic", "ties"):
         name = best_hand(hand, method)
-        log(f"test split: best {method} ({name})")
+        starting(f"test split: best {method} ({name})", name)
         model = materializer.materialize(Recipe.from_mergekit(recipes[name], name), seed=config.seed)
         rows.append(Scored(name, "hand", dict(hand[name]), test(model)))
     for item in front:
-        log(f"test split: front model {item['id']}")
+        starting(f"test split: front model {item['id']}", item["id"])
         model = AutoModelForCausalLM.from_pretrained(exported[item["id"]]).eval()
         estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
         rows.append(Scored(item["id"], "front", estimated, test(model)))
+    progress(total, total, "")
     hand_rows = [r for r in rows if r.kind == "hand"]
     front_rows = sorted((r for r in rows if r.kind == "front"), key=lambda r: -r.estimated_mean)
     rows = [r for r in rows if r.kind == "specialist"] + hand_rows + front_rows

@@ -174,10 +174,11 @@ def test_allow_nonfinite_lets_a_poisoned_source_through_the_checks(workspace):
     path = workspace / "poisoned.yaml"
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(Exception, match="holds 3 NaN/inf values"):
-        prepare(load_config(path, RunConfig), workspace, str(path))
+        prepare(load_config(path, RunConfig), workspace, str(path), scan_weights=True)
+    prepare(load_config(path, RunConfig), workspace, str(path))  # reopening a run (status, export) reads no weights
     doc["sources"]["allow_nonfinite"] = True
     path.write_text(yaml.safe_dump(doc))
-    prepared = prepare(load_config(path, RunConfig), workspace, str(path))
+    prepared = prepare(load_config(path, RunConfig), workspace, str(path), scan_weights=True)
     assert prepared.config.sources.allow_nonfinite and prepared.layer_counts["b"] == 4
 
 

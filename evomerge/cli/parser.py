@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from evomerge import __version__
-from evomerge.cli import calibration, demo, export, jobs, merge, search
+from evomerge.cli import calibration, dashboard, demo, export, jobs, merge, search
 from evomerge.cli.usage import UsageParser
 
 # The order of `evomerge --help`.
@@ -21,6 +21,8 @@ _COMMANDS = (
     search.add_resume_parser,
     search.add_status_parser,
     export.add_export_parser,
+    dashboard.add_dashboard_parser,
+    dashboard.add_report_parser,
 )
 
 

@@ -32,8 +32,10 @@ class Prepared:
         return self.space.decode(x, self.layer_counts)
 
 
-def prepare(config: RunConfig, config_dir: Path, where: str) -> Prepared:
-    """Everything the driver needs, checked before a run directory exists (no torch: configs read as JSON)."""
+def prepare(config: RunConfig, config_dir: Path, where: str, *, scan_weights: bool = False) -> Prepared:
+    """Everything the driver needs, checked before a run directory exists (no torch: configs read as JSON).
+    scan_weights: also read every source tensor for NaN/inf (a new run; reopening one for status, export or a
+    dashboard must stay cheap, and a resumed run's workers still refuse non-finite merges)."""
     from evomerge.genome import SearchSpace
     from evomerge.search import preflight
 
@@ -48,7 +50,7 @@ def prepare(config: RunConfig, config_dir: Path, where: str) -> Prepared:
                              base_model=config.sources.base_model, where=f"{where}: search_space")
     space.dim(counts)  # fails here, not in generation 0, when the space does not fit the sources
     preflight.check_sources_compatible(models, tensors_must_match=space.kind != "dfs", where=where)
-    if not config.sources.allow_nonfinite:
+    if scan_weights and not config.sources.allow_nonfinite:
         preflight.check_sources_finite(models, where)
     preflight.check_space_searchable(space, counts, where)
     return Prepared(config, config_dir, space, counts)
@@ -67,7 +69,7 @@ def create_run(config_path: Path, run_dir: Path | None) -> tuple[RunDir, Prepare
     """Validate everything, then create the run directory atomically (nothing is left behind on error)."""
     here = config_path.resolve().parent
     config = _absolute(load_config(config_path, RunConfig), here)
-    prepared = prepare(config, here, str(config_path))
+    prepared = prepare(config, here, str(config_path), scan_weights=True)
     target = run_dir or _near(config.run_dir or f"runs/{config.name}", Path.cwd())
     snapshot = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     return RunDir.create(target, snapshot, config.fitness.calibration), prepared

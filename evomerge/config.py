@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -74,8 +75,13 @@ def _unique_task_names(tasks: list[TaskScoring]) -> list[TaskScoring]:
     return tasks
 
 
-def _dump_tasks(tasks: list[TaskScoring] | None) -> list | None:
-    return None if tasks is None else [t.task if t.is_plain else {"task": t.task, **t.settings()} for t in tasks]
+def _dump_tasks(tasks: list[TaskScoring]) -> list:
+    return [t.task if t.is_plain else {"task": t.task, **t.settings()} for t in tasks]
+
+
+# A list of tasks as a config writes it: names, or mappings that say what is scored; dumped the same way
+TaskList = Annotated[list[TaskScoring], BeforeValidator(_task_list), AfterValidator(_unique_task_names),
+                     PlainSerializer(_dump_tasks)]
 
 
 class CalibrationConfig(_Strict):
@@ -86,7 +92,7 @@ class CalibrationConfig(_Strict):
         "directory); their abilities are saved for mp-IRT", min_length=1)
     base_model: str | None = Field(
         None, description="their common base: the reference merges are task-arithmetic merges relative to it")
-    tasks: list[TaskScoring] = Field(
+    tasks: TaskList = Field(
         description="lm-eval task names (fitness/ tasks, task_paths, or lm-eval's own), or {task, metric, filter, "
         "max_gen_toks, generation_kwargs} to choose what is scored", min_length=1)
     task_paths: list[str] = Field([], description="more folders of lm-eval task YAMLs")
@@ -100,20 +106,6 @@ class CalibrationConfig(_Strict):
     out: str = Field(description="the calibration file to write (JSON)")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     batch_size: BatchSize = Field(32, description=BATCH_SIZE_HELP)
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _names_or_mappings(cls, tasks: Any) -> Any:
-        return _task_list(tasks)
-
-    @field_validator("tasks")
-    @classmethod
-    def _unique_tasks(cls, tasks: list[TaskScoring]) -> list[TaskScoring]:
-        return _unique_task_names(tasks)
-
-    @field_serializer("tasks")
-    def _plain_names_as_strings(self, tasks: list[TaskScoring]) -> list:
-        return _dump_tasks(tasks)
 
     @property
     def task_names(self) -> list[str]:
@@ -142,26 +134,13 @@ class SourcesConfig(_Strict):
 
 class FitnessConfig(_Strict):
     calibration: str = Field(description="calibration file written by `evomerge calibrate` (anchors, IRT)")
-    tasks: list[TaskScoring] | None = Field(
+    tasks: TaskList | None = Field(
         None, min_length=1, description="tasks to score (default: the calibration's), as names or {task, metric, "
         "filter, max_gen_toks, generation_kwargs}; settings must match the calibration's")
     task_paths: list[str] = Field([], description="more folders of lm-eval task YAMLs")
     estimator: str = Field("gpirt", description="anchor_mean, pirt, gpirt, mpirt or gmpirt")
     batch_size: BatchSize = Field(32, description=BATCH_SIZE_HELP)
 
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _names_or_mappings(cls, tasks: Any) -> Any:
-        return _task_list(tasks)
-
-    @field_validator("tasks")
-    @classmethod
-    def _unique_tasks(cls, tasks: list[TaskScoring] | None) -> list[TaskScoring] | None:
-        return None if tasks is None else _unique_task_names(tasks)
-
-    @field_serializer("tasks")
-    def _plain_names_as_strings(self, tasks: list[TaskScoring] | None) -> list | None:
-        return _dump_tasks(tasks)
 
     @property
     def task_names(self) -> list[str] | None:

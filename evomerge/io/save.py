@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -63,8 +64,7 @@ def save_checkpoint(
     out = Path(out)
     prepare_output_dir(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         _write_shards(tmp, tensors, max_shard_bytes)
         config.save_pretrained(tmp)
         _write_generation_config(tmp, config, generation_config_from)
@@ -72,6 +72,16 @@ def save_checkpoint(
             _write_tokenizer(tmp, Path(tokenizer_from))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+    return out
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write a model into; on success it gets the usual modes and replaces
+    `out` in one rename, on any error (Ctrl-C included) it is removed: `out` appears whole or not at all."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
         usual_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -79,7 +89,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def usual_permissions(folder: Path) -> None:

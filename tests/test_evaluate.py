@@ -224,3 +224,20 @@ def test_sources_are_loaded_once(evaluator):
     loaded = ev.sources.loaded
     ev.evaluate(_candidate("dfs_paths", ev, "d2"))
     assert loaded and all(ev.sources.loaded[k] is v for k, v in loaded.items())
+
+
+def test_a_data_flow_worker_holds_only_its_sources_weights(setup):
+    """Once every worker built the parameter-space Materializer (fp32 base and task vectors): two 7B sources of a
+    data-flow search cost ~94 GiB where their 27 GiB of weights would do."""
+    from evomerge.io.checkpoint import Checkpoint
+
+    root, config = setup
+    ev = Evaluator(config, root)
+    cand = _candidate("dfs_paths", ev, "d")  # model a's own layers, in order
+    assert {p[0] for p in cand.recipe["path"]} == {"a"}
+    assert ev.evaluate(cand).status == "ok"
+    assert not ev.sources.has_materializer and list(ev.sources.loaded) == [SOURCES["a"]]
+    held = {p.data_ptr(): p.numel() * p.element_size() for p in ev.sources.loaded[SOURCES["a"]].parameters()}
+    assert sum(held.values()) == sum(t.nbytes for t in Checkpoint.open(root / SOURCES["a"]).tensors.values())
+    assert ev.evaluate(_candidate("ps_task_arithmetic", ev, "p")).status == "ok"  # the first PS candidate builds it
+    assert ev.sources.has_materializer

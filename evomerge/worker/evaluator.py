@@ -64,7 +64,8 @@ class ForwardClock:
 
 class Evaluator:
     """One per worker: loads sources once onto its device, keeps one Materializer (PS and hybrid merge part),
-    the live source models for DFS routing, one Scorer, and the calibration."""
+    the live source models for DFS routing (each built by the first candidate that needs it), one Scorer,
+    and the calibration."""
 
     def __init__(self, config: RunConfig, config_dir: str | Path, *, device: str | torch.device = "cpu",
                  worker: str = "local", node: str | None = None) -> None:
@@ -79,10 +80,8 @@ class Evaluator:
         self.worker = worker
         self.node = node if node is not None else socket.gethostname()
         search = [self.config_dir, Path.cwd()]
-        self.sources = SourceModels(config, self.config_dir, self.device)
-        self.sources.materializer.model  # noqa: B018  (the live model, built once)
-        self.materializer = self.sources.materializer
-        self._ps_params = sum(p.numel() for p in self.materializer.model.parameters())  # tied tensors once
+        self.sources = SourceModels(config, self.config_dir, self.device)  # each part built on first use
+        self._ps_params: int | None = None  # parameters of a parameter-space merge (tied tensors once)
         self._checked: set[str] = set()  # live source models whose weights were checked
 
         self.calibration = Calibration.load(find_path(config.fitness.calibration, search))
@@ -93,6 +92,11 @@ class Evaluator:
         self.scorer = Scorer(self.tasks, [find_path(p, search) for p in config.fitness.task_paths],
                              tokenizer=AutoTokenizer.from_pretrained(self.sources.paths[self.sources.base_ref]),
                              batch_size=config.fitness.batch_size, device=self.device, scoring=scoring)
+
+    @property
+    def materializer(self):
+        """The Materializer of parameter-space recipes and hybrid merges (built by the first that needs it)."""
+        return self.sources.materializer
 
     # -- what the driver needs -------------------------------------------------------------------------
     def layer_counts(self) -> dict[str, int]:
@@ -131,6 +135,8 @@ class Evaluator:
             model, costs, check = self._route(doc, where, cand.seed)
         else:
             model = self.materializer.materialize(Recipe.from_mergekit(doc, where), seed=cand.seed)
+            if self._ps_params is None:
+                self._ps_params = sum(p.numel() for p in model.parameters())
             costs, check = {"params": float(self._ps_params), "path_length": 0.0}, [model]
         timings["materialize"] = time.perf_counter() - t
         t = time.perf_counter()

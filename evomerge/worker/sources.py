@@ -1,8 +1,9 @@
 """A run's source models on one device, loaded once: what a worker's Evaluator and `evomerge export` build from.
 
 One Materializer over base + sources (parameter-space recipes, and the merge part of hybrid ones), and the
-sources' own live models for data-flow routing, loaded on first use. Models are named as recipes name them:
-by the config's path strings ("references").
+sources' own live models for data-flow routing, each built on first use: a data-flow search holds its sources'
+weights and nothing else (the Materializer's fp32 base and task vectors would cost ~4 + 4K bytes a parameter).
+Models are named as recipes name them: by the config's path strings ("references").
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class SourceModels:
     def __init__(self, config: RunConfig, config_dir: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoConfig
 
-        from evomerge.worker.materializer import Materializer
+        from evomerge.io.checkpoint import Checkpoint
         from evomerge.worker.routed import num_layers
 
         src = config.sources
@@ -35,9 +36,22 @@ class SourceModels:
         self.base_ref = src.base_model or next(iter(src.models.values()))
         self.layers = {ref: num_layers(AutoConfig.from_pretrained(p)) for ref, p in self.paths.items()}
         self.device = torch.device(device)
-        self.materializer = Materializer(self.paths, self.base_ref, device=self.device)
-        self.dtype = self.materializer.model_dtype
+        self.dtype = Checkpoint.open(self.paths[self.base_ref]).dtype  # of every live model, as the Materializer's
+        self._materializer = None
         self._live: dict[str, torch.nn.Module] = {}
+
+    @property
+    def materializer(self):
+        """The Materializer over base + sources (evomerge.worker.materializer), built on first use."""
+        if self._materializer is None:
+            from evomerge.worker.materializer import Materializer
+
+            self._materializer = Materializer(self.paths, self.base_ref, device=self.device)
+        return self._materializer
+
+    @property
+    def has_materializer(self) -> bool:
+        return self._materializer is not None
 
     def layer_count(self, source, where: str) -> int:
         """Layers of a data-flow recipe's source: a model, or a merge (its base model's count)."""

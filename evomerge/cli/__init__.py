@@ -1,8 +1,9 @@
 """The command line: parse, call the library, print. Errors a user can fix print as one line, exit code 2.
 
 One module per group of commands (merge.py: merge, methods; calibration.py: calibrate, irt; search.py:
-search, resume, submit, status; export.py; demo.py; jobs.py), each with its `add_*_parser` and its
-commands; parser.py assembles them. The CLI alone imports rich and argparse.
+search, resume, submit, status; export.py; dashboard.py: dashboard, report; demo.py; jobs.py), each with its
+`add_*_parser` and its commands; parser.py assembles them; progress.py draws long work on stderr. The CLI
+alone imports rich and argparse.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.report.recipes import recipe_view
 from evomerge.search.driver import Objective, objectives_of
-from evomerge.search.ledger import Record, collapse_ties, pareto_front
+from evomerge.search.ledger import Record, pareto_front
 from evomerge.search.plot import axis_label
 from evomerge.search.rundir import RunDir
-from evomerge.search.session import GENERATIONS_DONE, Prepared, open_run, status
+from evomerge.search.session import GENERATIONS_DONE, Prepared, feasibility, front_entries, open_run, status
 
 VERIFY = "verify.json"  # what `evomerge export --verify` writes into OUT/<candidate id>/ (evomerge/export.py)
 COST_MARGIN = 1.1  # hypervolume reference of a cost: the largest observed cost times this (so extreme points count)
@@ -80,10 +80,10 @@ def overview(src: RunSource) -> dict[str, Any]:
     fingerprint = src.fingerprint()
     with src.run.open_ledger() as ledger:
         records = ledger.all()
-    state = status(src.run, src.prepared)
+        told = int(ledger.get_meta(GENERATIONS_DONE, 0))
     config = src.prepared.config
     objectives = src.objectives
-    feasible = _feasibility(config.max_path_length)
+    feasible = feasibility(config)
     ok = [r for r in records if r.status == "ok"]
     last = max((r.generation for r in records), default=-1)
     verified, problems = verifications(src.exports)
@@ -91,14 +91,14 @@ def overview(src: RunSource) -> dict[str, Any]:
     return jsonable({
         "version": fingerprint,
         "run": {"name": config.name, "path": str(src.run.path.resolve()), "created": src.run.info().get("created"),
-                "generation": state["generation"], "generations": state["generations"],
+                "generation": told, "generations": config.algorithm.generations,
                 "last_generation": None if last < 0 else last, "algorithm": config.algorithm.name,
                 "pop_size": config.algorithm.pop_size, "estimator": config.fitness.estimator,
                 "space": getattr(src.prepared.space, "kind", None), "max_path_length": config.max_path_length},
         "objectives": [{"name": o.name, "task": o.task, "cost": o.cost, "label": axis_label(o.name),
                         "kind": "accuracy" if o.task is not None else "cost"} for o in objectives],
         "evaluations": {**(counts := _counts(records)), "done": counts["ok"] + counts["failed"]},
-        "front": state["front"],
+        "front": fronts[-1]["front"] if fronts else [],  # status()'s front: the last generation's, over all
         "points": [{"id": r.key, "generation": r.generation, "objectives": shown(r, objectives),
                     "feasible": feasible(r)} for r in ok],
         "fronts": fronts,
@@ -116,14 +116,9 @@ def overview(src: RunSource) -> dict[str, Any]:
 
 
 def shown(rec: Record, objectives: Sequence[Objective]) -> dict[str, float]:
-    """A record's objectives as users read them: accuracies un-negated, costs as is."""
+    """A record's objectives as users read them (those it has: a failed one may have none)."""
     values = rec.objectives or {}
-    return {o.name: (-values[o.name] if o.task is not None else values[o.name]) for o in objectives if o.name in values}
-
-
-def _feasibility(limit: int | None):
-    # as status(): a data-flow path over max_path_length is not on any front
-    return lambda r: limit is None or (r.extra or {}).get("path_length", 0) <= limit
+    return {o.name: o.shown(values[o.name]) for o in objectives if o.name in values}
 
 
 def _counts(records: Iterable[Record]) -> dict[str, int]:
@@ -149,12 +144,11 @@ def _fronts(ok: list[Record], objectives: list[Objective], feasible, last: int):
     front: list[Record] = []
     out = []
     for g in range(last + 1):
-        front = pareto_front(front + by_generation[g], directions)  # dominated points stay dominated: incremental
-        groups = collapse_ties(front, names)
-        F = np.array([[rep.objectives[n] for n in names] for rep, _ in groups], dtype=float).reshape(-1, len(names))
-        out.append({"generation": g, "hypervolume": float(hv(F)) if len(F) else 0.0,
-                    "front": [{"id": rep.key, "generation": rep.generation, "objectives": shown(rep, objectives),
-                               "ties": 1 + len(others), "tied_ids": [r.key for r in others]} for rep, others in groups]})
+        # dominated points stay dominated, so each front extends the last; the order is the ledger's, as status()'s
+        front = pareto_front(front + by_generation[g], directions)
+        F = np.array([[r.objectives[n] for n in names] for r in front], dtype=float).reshape(-1, len(names))
+        out.append({"generation": g, "hypervolume": float(hv(F)) if len(F) else 0.0,  # clones add no volume
+                    "front": front_entries(front, objectives)})
     return out, reference
 
 

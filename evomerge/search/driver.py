@@ -49,6 +49,10 @@ class Objective:
             return -float(result_estimates[self.task][estimator])
         return float(costs[self.cost])
 
+    def shown(self, minimized: float) -> float:
+        """The objective as users read it: a task's estimated accuracy (the ledger keeps it negated), a cost."""
+        return -minimized if self.task is not None else minimized
+
     def worst(self) -> float:
         return 0.0 if self.task is not None else FAILED_COST
 

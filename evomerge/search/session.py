@@ -118,23 +118,31 @@ def drive(run: RunDir, prepared: Prepared, pool, *, on_generation: Callable = la
 
 
 def status(run: RunDir, prepared: Prepared) -> dict:
-    """Generation, evaluations done and failed, and the current front (the JSON of `evomerge status`).
-
-    The front lists each distinct objective vector once: its earliest candidate stands for the clones that tie
-    with it ("ties": how many share it, "tied_ids": the others)."""
+    """Generation, evaluations done and failed, and the current front (the JSON of `evomerge status`)."""
     objectives = objectives_of(prepared.config)
+    feasible = feasibility(prepared.config)
     with run.open_ledger() as ledger:
         counts = ledger.counts()
-        limit = prepared.config.max_path_length
-        feasible = [r for r in ledger.all("ok") if limit is None or (r.extra or {}).get("path_length", 0) <= limit]
-        front = pareto_front(feasible, {o.name: "min" for o in objectives})
+        front = pareto_front([r for r in ledger.all("ok") if feasible(r)], {o.name: "min" for o in objectives})
         done = int(ledger.get_meta(GENERATIONS_DONE, 0))
-    show = lambda o, v: -v if o.task is not None else v
     return {
         "generation": done,
         "generations": prepared.config.algorithm.generations,
         "evaluations": {"done": counts.get("ok", 0) + counts.get("failed", 0), "failed": counts.get("failed", 0)},
-        "front": [{"id": rep.key, "objectives": {o.name: show(o, rep.objectives[o.name]) for o in objectives},
-                   "ties": 1 + len(others), "tied_ids": [r.key for r in others]}
-                  for rep, others in collapse_ties(front, [o.name for o in objectives])],
+        "front": front_entries(front, objectives),
     }
+
+
+def feasibility(config: RunConfig) -> Callable[[Record], bool]:
+    """Whether an evaluation may be on a front: a data-flow path longer than max_path_length may not."""
+    limit = config.max_path_length
+    return lambda r: limit is None or (r.extra or {}).get("path_length", 0) <= limit
+
+
+def front_entries(front: list[Record], objectives: list) -> list[dict]:
+    """A front as `status` shows it: each distinct objective vector once, its earliest candidate standing for the
+    clones that tie with it ("ties": how many share it, "tied_ids": the others); objectives as users read them."""
+    return [{"id": rep.key, "generation": rep.generation,
+             "objectives": {o.name: o.shown(rep.objectives[o.name]) for o in objectives},
+             "ties": 1 + len(others), "tied_ids": [r.key for r in others]}
+            for rep, others in collapse_ties(front, [o.name for o in objectives])]

@@ -12,6 +12,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.fitness.calibration import Calibration
+from evomerge.testing.tasks import WHOLE_OR_FIRST_CHAR_FILTERS
 from evomerge.testing.workspace import MODELS, make_search_workspace
 
 N_ITEMS = 24
@@ -36,16 +37,7 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-filter_list:
-  - name: whole
-    filter:
-      - function: take_first
-  - name: first_char
-    filter:
-      - function: regex
-        regex_pattern: '(\\S)'
-      - function: take_first
-"""
+""" + WHOLE_OR_FIRST_CHAR_FILTERS
 
 SCORING = {"metric": "exact_match", "filter": "first_char", "max_gen_toks": 2}
 

@@ -12,6 +12,7 @@ import torch
 
 from evomerge.errors import FitnessError
 from evomerge.fitness.lmeval import Scorer, binarize, mean_keeping_threshold
+from evomerge.testing.tasks import WHOLE_OR_FIRST_CHAR_FILTERS
 from evomerge.testing.tiny import TinySpec, make_family
 
 # Task layout (relative data paths are resolved against the YAML that sets them, wherever the tests run):
@@ -65,17 +66,8 @@ metric_list:
 """
 
 # two filters of one generation: the whole output, or its first non-space character; targets make them disagree
-FILTERS_YAML = GEN_YAML.replace("task: t_gen", "task: t_filters").replace("gen.jsonl", "filters.jsonl") + """\
-filter_list:
-  - name: whole
-    filter:
-      - function: take_first
-  - name: first_char
-    filter:
-      - function: regex
-        regex_pattern: '(\\S)'
-      - function: take_first
-"""
+FILTERS_YAML = (GEN_YAML.replace("task: t_gen", "task: t_filters").replace("gen.jsonl", "filters.jsonl")
+                + WHOLE_OR_FIRST_CHAR_FILTERS)
 
 PROB_YAML = """\
 include: ../../mc/t_mc.yaml

@@ -21,6 +21,20 @@ metric_list:
   - metric: acc
 """
 
+# Two filter pipelines of one generation, for generate_until task YAMLs: the whole output, or its first non-space
+# character. Targets that are first characters make them disagree item by item.
+WHOLE_OR_FIRST_CHAR_FILTERS = """\
+filter_list:
+  - name: whole
+    filter:
+      - function: take_first
+  - name: first_char
+    filter:
+      - function: regex
+        regex_pattern: '(\\S)'
+      - function: take_first
+"""
+
 
 def write_choice_tasks(folder: Path, sizes: dict[str, int], *, seed: int = 0, n_choices: int = 3) -> Path:
     """Write one task per name with `sizes[name]` items into folder (YAMLs, data/ beside them); returns folder.

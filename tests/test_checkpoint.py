@@ -179,3 +179,20 @@ def test_the_scan_reads_every_shard_of_an_index(llama, tmp_path):
     tensors[name].view(-1)[-1] = float("nan")
     save_file(tensors, last, metadata={"format": "pt"})
     assert nonfinite_tensors(model) == [(last, name, 1)]
+
+
+def test_a_shard_missing_from_its_index_is_named_by_the_loader_and_the_header_readers(llama, tmp_path):
+    from evomerge.io.finite_scan import nonfinite_tensors
+    from evomerge.io.headers import inventory
+
+    model = tmp_path / "m"
+    shutil.copytree(llama.sources[0], model)
+    gone = sorted(model.glob("*.safetensors"))[2]
+    gone.unlink()
+    for read in (Checkpoint.open, inventory, nonfinite_tensors):
+        with pytest.raises(CheckpointError, match=f"shard {gone.name} listed in .*index.json is missing from {model}"):
+            read(model)
+    (model / "model.safetensors.index.json").write_text("[1, 2]")
+    for read in (Checkpoint.open, inventory):
+        with pytest.raises(CheckpointError, match="is not a valid index: expected a JSON object with 'weight_map'"):
+            read(model)

@@ -7,7 +7,6 @@ when the caller opts in, and then only with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -19,8 +18,9 @@ from safetensors import safe_open
 
 from evomerge.errors import CheckpointError
 from evomerge.io.documents import layer_count, read_model_config
+from evomerge.io.headers import INDEX as SAFETENSORS_INDEX
+from evomerge.io.headers import indexed_files, shard_files
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 # safetensors header dtype names -> torch dtypes (those a language model checkpoint holds)
@@ -65,7 +65,7 @@ class Checkpoint:
         if not path.is_dir():
             raise CheckpointError(f"model directory {path} does not exist: give the path of a Hugging Face model folder")
         config = read_model_config(path)
-        st_files = _safetensors_files(path)
+        st_files = shard_files(path)
         if st_files:
             return cls(path, config, _safetensors_inventory(st_files), pickled=False)
         bin_files = _pickle_files(path)
@@ -150,30 +150,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _files_from_index(path: Path, index_name: str) -> list[Path] | None:
-    index = path / index_name
-    if not index.is_file():
-        return None
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError):
-        raise CheckpointError(f"{index} is not a valid index: expected a JSON object with 'weight_map'") from None
-    files = sorted({path / f for f in weight_map.values()})
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"shard {missing[0].name} listed in {index} is missing from {path}")
-    return files
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    indexed = _files_from_index(path, SAFETENSORS_INDEX)
-    if indexed is not None:
-        return indexed
-    return sorted(path.glob("*.safetensors"))
-
-
 def _pickle_files(path: Path) -> list[Path]:
-    indexed = _files_from_index(path, PICKLE_INDEX)
+    indexed = indexed_files(path, PICKLE_INDEX)
     if indexed is not None:
         return indexed
     return sorted(path.glob("pytorch_model*.bin"))

@@ -49,9 +49,15 @@ def read_entries(file: Path) -> dict[str, Entry]:
 
 def shard_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model directory (from its index when it has one); [] when it has none."""
-    index = model_dir / INDEX
+    indexed = indexed_files(model_dir, INDEX)
+    return indexed if indexed is not None else sorted(model_dir.glob("*.safetensors"))
+
+
+def indexed_files(model_dir: Path, index_name: str) -> list[Path] | None:
+    """The shards an index file of `model_dir` lists (each checked to exist); None when there is no such index."""
+    index = model_dir / index_name
     if not index.is_file():
-        return sorted(model_dir.glob("*.safetensors"))
+        return None
     try:
         files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):

@@ -1,10 +1,10 @@
 """The demo search vs random search at equal evaluation budgets: hypervolume of the estimated front.
 
-    .venv/bin/evomerge demo                                  # first: the kit, its calibration, the demo run
-    .venv/bin/python bench/bench_demo.py [--seeds 0,1,2]
+    .venv/bin/evomerge demo [--kit toy]                      # first: the kit, its calibration, the demo run
+    .venv/bin/python bench/bench_demo.py [--seeds 0,1,2] [--kit smollm2|toy]
 
-For each seed, NSGA-II runs the search of runs/demo.yaml (pop_size x generations evaluations; seed 0 is the
-demo's own run when it exists) and random search evaluates the same number of genomes: the search space's
+For each seed, NSGA-II runs the demo's search (the SmolLM2 kit's demo.yaml, or runs/demo.yaml for the toy kit;
+pop_size x generations evaluations; seed 0 is the demo's own run when it exists) and random search evaluates the same number of genomes: the search space's
 seed genomes (the uniform recipes NSGA-II starts from, so neither gets a better prior) and then uniform
 random ones. Both are scored by the same Ray workers on the same anchors with the same estimator. Printed:
 the hypervolume of each method's front of estimated accuracies (reference point: 0 accuracy on every task;
@@ -78,21 +78,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--out", type=Path, default=Path("bench/out/demo_bench"), help="where the runs go")
+    p.add_argument("--kit", choices=("smollm2", "toy"), default="smollm2", help="the demo kit (default: smollm2)")
     args = p.parse_args()
-    if not (demo.DEFAULT_CACHE / "kit" / "calibration.json").is_file():
-        print("run `evomerge demo` first: it builds the kit and its calibration", file=sys.stderr)
+    if args.kit == "smollm2":
+        from evomerge.demo.smollm2_kit import RUN_CONFIG, kit_config, kit_root
+
+        root = kit_root(demo.DEFAULT_CACHE, kit_config("full"))
+        calibration, config = root / "calibration.json", root / RUN_CONFIG  # the kit's config: absolute paths
+        demo_run, out = demo.DEFAULT_RUN_DIR.with_name("demo-smollm2"), args.out / "smollm2"
+    else:
+        calibration, config = demo.DEFAULT_CACHE / "kit" / "calibration.json", demo.DEMO_CONFIG
+        demo_run, out = demo.DEFAULT_RUN_DIR, args.out
+    if not (calibration.is_file() and config.is_file()):
+        print(f"run `evomerge demo --kit {args.kit}` first: it builds the kit and its calibration", file=sys.stderr)
         return 2
-    base = yaml.safe_load(demo.DEMO_CONFIG.read_text())
+    base = yaml.safe_load(config.read_text())
+    base = absolute_paths(base) if args.kit == "toy" else base
     rows = []
     pool = None
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            run_dir = demo.DEFAULT_RUN_DIR if seed == base["seed"] and demo.DEFAULT_RUN_DIR.is_dir() \
-                else args.out / f"nsga2-seed{seed}"
+            run_dir = demo_run if seed == base["seed"] and demo_run.is_dir() else out / f"nsga2-seed{seed}"
             if not (run_dir / "config.yaml").is_file():
-                path = args.out / f"demo-seed{seed}.yaml"
+                path = out / f"demo-seed{seed}.yaml"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(yaml.safe_dump({**absolute_paths(base), "seed": seed, "name": f"demo-seed{seed}"}))
+                path.write_text(yaml.safe_dump({**base, "seed": seed, "name": f"demo-seed{seed}"}))
                 create_run(path, run_dir)
             run, prepared = open_run(run_dir)
             if pool is None:

@@ -1,6 +1,6 @@
 """Equality check: `evomerge merge` and mergekit 0.1.5 `run_merge` on the same YAML give the same tensors.
 
-    .venv/bin/python bench/check_against_mergekit.py [--tol 1e-5] [--keep-going]
+    .venv/bin/python bench/check_against_mergekit.py [--tol 1e-5] [--random-tol 0.02]
 
 On a small random Llama family (fp32, base + 3 sources; cached under bench/out/check/) every recipe
 below is merged by the evomerge CLI (project venv) and by mergekit (bench/.mergekit-venv), and the
@@ -16,6 +16,9 @@ Round trip: the mergekit_config.yml that evomerge writes beside its output (Reci
 is also fed to mergekit (model_validate + run_merge); its output must equal evomerge's output and,
 bit for bit, mergekit's output on the original YAML.
 
+Coverage: every parameter-space method of evomerge's catalogue has a recipe here, and every method
+mergekit 0.1.5 registers is in the catalogue (passthrough aside: evomerge's recipe layer does it).
+
 Exit status: 0 if every check passes, 1 otherwise.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 from benchlib import OUT, cached_family, load_safetensors, run_mergekit, write_yaml
 
+from evomerge.merge.specs import tensor_method_names
 from evomerge.testing.tiny import TinySpec
 
 SPEC = TinySpec(arch="llama", hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=512)
@@ -37,7 +41,11 @@ ROOT = OUT / "check"
 # the same t -> value mapping in both tools: 3 points over 4 layers, so layers fall between points
 GRADIENT = [0.2, 0.8, 0.4]
 SETS = ("embed_tokens", "lm_head", "self_attn", "mlp", "norms")
+# arcee_fusion is random only above 1M entries per tensor (quartiles of a sample); every tensor here is smaller
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
+# mergekit methods that are not per-tensor merges in evomerge: passthrough (copy one model's tensors, with
+# `slices:`) belongs to the recipe layer (evomerge/merge/recipe.py), not to the method catalogue
+NOT_TENSOR_METHODS = {"passthrough"}
 
 
 def recipes(b: str, s: list[str]) -> dict[str, dict]:
@@ -168,7 +176,106 @@ def recipes(b: str, s: list[str]) -> dict[str, dict]:
             "models": [model(s[0], weight=0.5, density=0.4), model(s[1], weight=0.5, density=0.6)],
             "dtype": "float32",
         },
+        # -- methods added with mergekit 0.1.5 (task vectors here are N(0, 0.02^2): thresholds of 0.01
+        # leave about 40% of each model's entries below them, so every branch of a mask is taken) --
+        # nuslerp: t = w2 / (w1 + w2) per tensor; the whole tensor as one vector, then per row, per column
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": b,
+            "models": [model(s[0], weight=0.3), model(s[1], weight=attn_vs_rest(0.7, GRADIENT))],
+            "dtype": "float32",
+        },
+        "nuslerp_rows": {
+            "merge_method": "nuslerp",
+            "base_model": b,
+            "models": [model(s[0], weight=0.6), model(s[1], weight=0.4)],
+            "parameters": {"nuslerp_flatten": False},
+            "dtype": "float32",
+        },
+        "nuslerp_columns": {
+            "merge_method": "nuslerp",
+            "base_model": b,
+            "models": [model(s[0], weight=GRADIENT), model(s[1], weight=0.5)],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "dtype": "float32",
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "base_model": b,
+            "models": [model(s[0], weight=0.5), model(s[1], weight=GRADIENT), model(s[2], weight=mlp_vs_rest(0.2, 0.6))],
+            "dtype": "float32",
+        },
+        "multislerp_unnormalized": {
+            "merge_method": "multislerp",
+            "base_model": b,
+            "models": [model(s[0], weight=0.5), model(s[1], weight=0.7)],
+            "parameters": {"normalize_weights": False, "eps": 1e-6},
+            "dtype": "float32",
+        },
+        # karcher: every input counts, the base (appended last) included
+        "karcher": {
+            "merge_method": "karcher",
+            "base_model": b,
+            "models": [model(s[0]), model(s[1]), model(s[2])],
+            "dtype": "float32",
+        },
+        "karcher_no_base": {
+            "merge_method": "karcher",
+            "models": [model(s[0]), model(s[1])],
+            "parameters": {"max_iter": 3, "tol": 1e-4},
+            "dtype": "float32",
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": b,
+            "models": [model(s[0]), model(s[1]), model(s[2])],
+            "parameters": {"select_topk": mlp_vs_rest(0.3, GRADIENT)},
+            "dtype": "float32",
+        },
+        "sce_all": {
+            "merge_method": "sce",
+            "base_model": b,
+            "models": [model(s[0]), model(s[1])],
+            "dtype": "float32",
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": b,
+            "models": [model(s[0])],
+            "parameters": {"t": attn_vs_rest(0.01, [0.0, 0.02, 0.005])},
+            "dtype": "float32",
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": b,
+            "models": [model(s[1])],
+            "dtype": "float32",
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": b,
+            "models": [model(s[0]), model(s[1]), model(s[2])],
+            "parameters": {"epsilon": 0.01},
+            "dtype": "float32",
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": b,
+            "models": [model(s[0]), model(s[1]), model(s[2])],
+            "parameters": {"epsilon": mlp_vs_rest(0.01, 0.02), "r": 0.5, "alpha": GRADIENT},
+            "dtype": "float32",
+        },
     }
+
+
+def coverage_failures(docs: dict[str, dict], mergekit_methods: list[str]) -> list[str]:
+    """Every evomerge parameter-space method has a recipe here, and every method mergekit registers is one of
+    them, except those evomerge expresses otherwise (NOT_TENSOR_METHODS)."""
+    tested = {doc["merge_method"] for doc in docs.values()}
+    ours = set(tensor_method_names())
+    out = [f"{m}: evomerge method without a recipe in this check" for m in sorted(ours - tested)]
+    out += [f"{m}: mergekit 0.1.5 method that evomerge lacks" for m in sorted(set(mergekit_methods) - ours - NOT_TENSOR_METHODS)]
+    return out
 
 
 def tensor_set(name: str) -> str:
@@ -248,15 +355,17 @@ def main() -> int:
         if r["error"]:
             failures.append(f"{job}: mergekit failed: {r['error']}")
 
+    failures += coverage_failures(docs, result.get("methods", []))
     base_sd = load_safetensors(family.base)
     print(f"\nfamily: {SPEC}, 3 sources, fp32; mergekit {result['mergekit_version']}; tolerance {args.tol:g}")
     print("max |evomerge - mergekit| per tensor set (roundtrip: mergekit on evomerge's mergekit_config.yml "
           "vs evomerge; rt-vs-orig: mergekit roundtrip vs mergekit original)\n")
-    print(f"{'method':<17}" + "".join(f"{s:>13}" for s in SETS) + f"{'roundtrip':>11}{'rt-vs-orig':>11}  verdict")
+    w = max(map(len, ymls)) + 1
+    print(f"{'recipe':<{w}}" + "".join(f"{s:>13}" for s in SETS) + f"{'roundtrip':>11}{'rt-vs-orig':>11}  verdict")
     for name in ymls:
         paths = [evo_dir / name, mk_dir / name, rt_dir / name]
         if not all(p.is_dir() and any(p.glob("*.safetensors")) for p in paths):
-            print(f"{name:<17}  missing output (see failures)")
+            print(f"{name:<{w}}  missing output (see failures)")
             continue
         evo, mk, rt = (load_safetensors(p) for p in paths)
         try:
@@ -265,9 +374,9 @@ def main() -> int:
             rt_orig = max(max_diff_by_set(mk, rt).values())
         except AssertionError as e:
             failures.append(f"{name}: {e}")
-            print(f"{name:<17}  {e}")
+            print(f"{name:<{w}}  {e}")
             continue
-        row = f"{name:<17}" + "".join(f"{diffs.get(s, float('nan')):>13.2e}" for s in SETS)
+        row = f"{name:<{w}}" + "".join(f"{diffs.get(s, float('nan')):>13.2e}" for s in SETS)
         if name in RANDOM_METHODS:
             (share_e, norm_e), (share_m, norm_m) = distribution(evo, base_sd), distribution(mk, base_sd)
             close = abs(share_e - share_m) <= args.random_tol and abs(norm_e / norm_m - 1) <= args.random_tol
@@ -278,6 +387,9 @@ def main() -> int:
         else:
             ok = max(diffs.values()) <= args.tol and rt_diff <= args.tol and rt_orig == 0
             row += f"{rt_diff:>11.2e}{rt_orig:>11.2e}  {'ok' if ok else 'FAIL'}"
+            if distribution(evo, base_sd)[1] == 0:  # agreeing on "nothing merged" would prove nothing
+                ok = False
+                row += " (the merge left every tensor at the base)"
         if not ok:
             failures.append(f"{name}: outside tolerance")
         print(row)

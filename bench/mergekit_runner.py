@@ -8,13 +8,15 @@ driven by bench_materialize.py and check_against_mergekit.py, and talks to them 
 JOBS.json:
     {"device": "cpu", "seed": 0, "repeats": 5, "warmup": 1, "clear_loader_cache": false,
      "jobs": [{"name": "ties", "yaml": "/abs/ties.yml", "out": null}, ...]}
+    (a job may add "options": {MergeOptions field: value} to override the defaults below for it alone)
 
 A job with "out" set is merged once into that directory and kept (equality checks). A job without
 it is timed: `warmup` untimed calls, then `repeats` timed ones, each into a fresh temporary
 directory that is deleted afterwards (deletion is not timed). mergekit is imported once, so its
 import cost (several seconds) is not part of any timing.
 
-RESULT.json: {"mergekit_version": ..., "jobs": {name: {"times_s": [...], "error": null}}}
+RESULT.json: {"mergekit_version": ..., "methods": [the names mergekit registers],
+              "jobs": {name: {"times_s": [...], "error": null}}}
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ def main(jobs_path: str, result_path: str) -> int:
         for job in spec["jobs"]:
             text = Path(job["yaml"]).read_text()
             entry: dict = {"times_s": [], "error": None}
+            # per-job MergeOptions overrides (e.g. {"copy_tokenizer": true} to compare tokenizers and chat templates)
+            job_options = options.model_copy(update=job["options"]) if job.get("options") else options
             results[job["name"]] = entry
             try:
                 if job.get("out"):
                     shutil.rmtree(job["out"], ignore_errors=True)
-                    entry["times_s"].append(merge_once(text, job["out"], options, clear))
+                    entry["times_s"].append(merge_once(text, job["out"], job_options, clear))
                     continue
                 for i in range(warmup + repeats):
                     out = tempfile.mkdtemp(dir=scratch)
@@ -92,7 +96,11 @@ def main(jobs_path: str, result_path: str) -> int:
                 traceback.print_exc()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    Path(result_path).write_text(json.dumps({"mergekit_version": version("mergekit"), "jobs": results}, indent=1))
+    from mergekit.merge_methods import registered_methods  # the oracle's own method list (coverage check)
+
+    methods = sorted(m.spec.name for m in registered_methods())
+    Path(result_path).write_text(json.dumps({"mergekit_version": version("mergekit"), "methods": methods,
+                                             "jobs": results}, indent=1))
     return 0
 
 

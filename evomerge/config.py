@@ -130,6 +130,15 @@ class SourcesConfig(_Strict):
     base_model: str | None = Field(None, description="their common base (needed by task-vector methods)")
     allow_nonfinite: bool = Field(False, description="search even when a source holds NaN/inf values (refused "
                                   "by default: every candidate that mixes them in would fail)")
+    storage_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the sources are held in (auto: as stored in the checkpoint); task vectors are "
+        "formed per tensor in float32 when a candidate is written")
+    placement: Literal["device", "host"] = Field(
+        "device", description="where the sources live: device (the worker's GPU) or host (pinned CPU memory, "
+        "streamed to the device tensor by tensor; for GPUs smaller than the sources)")
+    selection_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep each task vector's sorted magnitudes for TIES/breadcrumbs/DELLA (4 bytes per "
+        "entry; auto: on for CPU workers, where it is faster, off on accelerators, which select exactly per candidate)")
 
 
 class FitnessConfig(_Strict):

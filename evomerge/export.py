@@ -4,7 +4,8 @@ Each chosen candidate (by default the current Pareto front, as `evomerge status`
 from its ledger record: its recipe materialized with its own seed by a Materializer over the run's sources
 built as the evaluator builds it (same base, same dtype), so the checkpoint holds the weights that were
 scored. Parameter-space recipes are written with `mergekit_config.yml`; data-flow and hybrid recipes as
-standard checkpoints with their scales folded in, with `evomerge_recipe.yml` (see worker/checkpoint_writer.py).
+standard checkpoints with their scales folded in, with `evomerge_recipe.yml` (see worker/checkpoint_writer.py)
+and, where mergekit can express the path, `mergekit.yaml` (a passthrough slices recipe, merge/mergekit_export.py).
 
 Every model is assembled under a hidden staging directory inside `--out`, verified there if asked, and
 renamed into `--out/<candidate id>` only when complete: an error or an interrupt leaves no partial model.
@@ -133,6 +134,7 @@ class _Writer:
         from evomerge.merge.dataflow_recipe import is_dataflow, parse_dataflow
         from evomerge.merge.recipe import Recipe
         from evomerge.worker.checkpoint_writer import write_dataflow_checkpoint, write_ps_checkpoint
+        from evomerge.worker.folded_export import mergekit_files
 
         seed = rec.seed if rec.seed is not None else 0
         src = self.sources
@@ -140,8 +142,11 @@ class _Writer:
             recipe = parse_dataflow(rec.recipe, where, lambda source: src.layer_count(source, where))
             models = {s.name: src.model(s.model) if s.model is not None
                       else src.materializer.materialize(s.merge, seed=seed) for s in recipe.sources}
+            config = next(iter(models.values())).config
             write_dataflow_checkpoint(out, models, recipe, src.paths, dtype=src.dtype,
-                                      max_shard_bytes=max_shard_bytes, force=False)
+                                      max_shard_bytes=max_shard_bytes, force=False,
+                                      extra_files=mergekit_files(recipe, config.model_type, src.dtype,
+                                                                 getattr(config, "layer_types", None)))
             return "hybrid" if any(s.merge is not None for s in recipe.sources) else "dataflow"
         recipe = Recipe.from_mergekit(rec.recipe, where)
         tensors = src.materializer.merged_tensors(recipe, seed=seed).items()

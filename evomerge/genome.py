@@ -138,6 +138,8 @@ class PSGenes(_Frozen):
             assert param is not None
             if param.is_bool:
                 raise ValueError(f"params.{name}: {name!r} is true/false: set it under 'fixed', not as a range gene")
+            if param.is_int:  # a range gene decodes to fractions, which e.g. an iteration count cannot take
+                raise ValueError(f"params.{name}: {name!r} is a whole number: set it under 'fixed', not as a range gene")
             try:
                 _check_range(rng, param.low, param.high)
             except ValueError as e:

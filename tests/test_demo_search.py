@@ -91,8 +91,13 @@ def test_demo_stages_end_to_end(demo_workspace):
     assert all(set(r.test) == set(demo.TEST_TASKS) and all(0 <= v <= 1 for v in r.test.values()) for r in rows)
     estimates = [r.estimated_mean for r in rows if r.kind == "front"]
     assert estimates == sorted(estimates, reverse=True)
+    # hand recipes and front re-scored on every search item; the specialists were never estimated
+    assert all(set(r.rescored) == set(demo.SEARCHED) for r in rows[2:]) and rows[0].rescored == {}
     lines = demo.summary(rows)
-    assert lines[0].startswith("best front model by search-split estimate: " + rows[4].name)
+    best = max(rows[4:], key=lambda r: r.rescored_mean)  # chosen on the whole split, not on the estimate
+    assert lines[0].startswith(f"best front model on the whole search split: {best.name} (whole search split "
+                               f"{100 * best.rescored_mean:.1f}%, anchor estimate {100 * best.estimated_mean:.1f}%)")
+    assert lines[1].startswith(f"  winner's curse: the top estimate, {rows[4].name}, re-scores at ")
 
     # the same run, reopened: the same table (seeded, and every stage read back from disk)
     table = (run.path / demo.TABLE_FILE).read_text()
@@ -102,6 +107,10 @@ def test_demo_stages_end_to_end(demo_workspace):
     # what a finished demo prints from: the table kept for this front, and none for another front
     assert demo.cached_table(run.path, front) == rows
     assert demo.cached_table(run.path, front[1:] + [{"id": "g9999-0000-x"}]) is None
+    # a table from before the whole-split re-scoring is scored again, not shown with estimates alone
+    old = [{k: v for k, v in row.items() if k != "rescored"} for row in json.loads(table)]
+    (run.path / demo.TABLE_FILE).write_text(json.dumps(old))
+    assert demo.cached_table(run.path, front) is None
 
 
 @pytest.mark.slow

@@ -241,3 +241,9 @@ def test_a_data_flow_worker_holds_only_its_sources_weights(setup):
     assert sum(held.values()) == sum(t.nbytes for t in Checkpoint.open(root / SOURCES["a"]).tensors.values())
     assert ev.evaluate(_candidate("ps_task_arithmetic", ev, "p")).status == "ok"  # the first PS candidate builds it
     assert ev.sources.has_materializer
+    # the Materializer reads the other sources into the same store: each checkpoint is held once, in its dtype,
+    # and source a's live model still runs on the store's tensors
+    held = sum(t.nbytes for ref in (BASE, *SOURCES.values()) for t in Checkpoint.open(root / ref).tensors.values())
+    assert ev.sources.store.held_bytes() == held
+    store_ptrs = {t.data_ptr() for t in ev.sources.store.tensors(SOURCES["a"]).values()}
+    assert all(p.data_ptr() in store_ptrs for p in ev.sources.loaded[SOURCES["a"]].parameters())

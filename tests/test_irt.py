@@ -11,7 +11,7 @@ from scipy.special import expit
 from evomerge.errors import FitnessError
 from evomerge.fitness.anchors import ANCHOR_METHODS, select_anchors
 from evomerge.fitness.calibration import VERSION, Calibration
-from evomerge.fitness.calibration_fit import fit_calibration
+from evomerge.fitness.calibration_fit import MIN_INFORMATIVE_MODELS, anchor_mean_mse, fit_calibration
 from evomerge.fitness.estimators import ESTIMATORS, estimate, estimate_details
 from evomerge.fitness.irt import ItemParams, Prior, fit_ability
 from evomerge.fitness.irt_fit import fit_2pl
@@ -256,3 +256,57 @@ def test_read_responses_errors_name_the_fix(tmp_path, text, match):
     with pytest.raises(FitnessError, match=match) as err:
         read_responses(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_anchor_mean_mse_is_the_expected_squared_error_of_the_anchor_mean():
+    rng = np.random.default_rng(11)
+    items = ItemParams(rng.lognormal(0.0, 0.3, size=(60, 1)) * 1.5, rng.normal(0.0, 2.0, size=60))
+    theta = rng.normal(size=(4, 1))
+    anchors = select_anchors("random", 12, simulate(theta, items.a, items.b, rng), items, seed=0)
+    predicted = anchor_mean_mse(items, theta, anchors.index, anchors.weights)
+    # the same quantity by brute force: many draws of the four models' answers
+    errors = []
+    for _ in range(4000):
+        y = simulate(theta, items.a, items.b, rng)
+        errors.append((y[:, anchors.index] @ anchors.weights - y.mean(axis=1)) ** 2)
+    assert predicted == pytest.approx(float(np.mean(errors)), rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["irt", "correctness"])
+def test_small_calibrations_still_mix_gpirt(method):
+    """8 models x 40 items, 30 anchors (issue 13): few distinct answer columns, so the k-means clusters hold items
+    every calibration model answered alike. Their within-cluster spread was taken for the anchor mean's variance:
+    0, so lambda was 1 and gp-IRT the anchor mean for every candidate (measured: 4 to 8 models, every draw)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.lognormal(0, 0.3, size=(40, 1)) * 1.5, rng.normal(0, 2.0, size=40)
+    calib = Responses([f"m{i}" for i in range(MIN_INFORMATIVE_MODELS)], [f"q{j}" for j in range(40)],
+                      simulate(rng.normal(size=(MIN_INFORMATIVE_MODELS, 1)), a, b, rng))
+    new = simulate(rng.normal(size=(30, 1)), a, b, rng)
+    cal = fit_calibration({"t": calib}, n_anchors=30, seed=0, anchor_method=method)
+    task = cal.task("t")
+    assert task.diagnostics["anchor_method"] == method  # enough models: no fallback
+    assert task.diagnostics["anchor_mse"] > 0
+    assert 0 < task.lambdas["gpirt"] < 0.95
+    cols = [int(i[1:]) for i in cal.anchors("t")]
+    est = [estimate(cal, "t", cal.anchors("t"), row[cols]) for row in new]
+    gap = np.array([e["gpirt"] - e["anchor_mean"] for e in est])
+    assert (np.abs(gap) > 1e-6).mean() > 0.5  # for most candidates (a few may have pirt = anchor mean)
+
+
+def test_too_few_calibration_models_are_said_and_fall_back(merges, calibration):
+    calib, _ = merges
+    few = calib.rows(calib.models[:MIN_INFORMATIVE_MODELS - 1])
+    cal = fit_calibration({"task": few}, n_anchors=20, seed=0, dims=[1, 2, 3], a_sd=[0.03, 0.1, 0.3])
+    task = cal.task("task")
+    said = [w for w in task.diagnostics["warnings"] if "calibration models, fewer than" in w]
+    assert len(said) == 1
+    assert said[0].startswith(f"{MIN_INFORMATIVE_MODELS - 1} calibration models, fewer than {MIN_INFORMATIVE_MODELS}")
+    # the fallback it names: the simplest D and the middle slope sd, no held-out choice between candidates
+    assert task.items.dims == 1 and task.diagnostics["a_sd"] == 0.1
+    assert list(task.diagnostics["heldout_errors"]) == ["a_sd=0.1,D=1"]
+    assert "IRT dimension 1, slope prior sd 0.1, anchors random (strata by item mean) instead of irt" in said[0]
+    assert task.diagnostics["anchor_method"] == "random" and cal.settings["anchor_method"] == "irt"
+    assert f"weight of the anchor mean {task.lambdas['gpirt']:.2f} (fitted on 1 held-out model)" in said[0]
+    # 27 models (the module's calibration): enough, nothing said, candidates chosen on held-out models
+    assert not any("calibration models, fewer than" in w for w in calibration.task("task").diagnostics["warnings"])
+    assert len(calibration.task("task").diagnostics["heldout_errors"]) > 1

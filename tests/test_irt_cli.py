@@ -50,8 +50,8 @@ def fitted(data):
     return out
 
 
-def anchors_of(calibration: Path) -> list[str]:
-    return json.loads(calibration.read_text())["tasks"]["demo"]["anchors"]
+def anchors_of(calibration: Path, task: str = "demo") -> list[str]:
+    return json.loads(calibration.read_text())["tasks"][task]["anchors"]
 
 
 def test_fit_then_estimate_on_the_anchors(data, fitted, tmp_path):
@@ -153,3 +153,27 @@ def test_a_degenerate_fit_warns_on_the_command_line_and_in_the_file(data, fitted
     assert any("every answer is wrong" in w for w in json.loads(out.read_text())["tasks"]["z"]["diagnostics"]["warnings"])
     # a healthy fit (the module's calibration) carries no such warning
     assert not any("every answer" in w for w in json.loads(fitted.read_text())["tasks"]["demo"]["diagnostics"]["warnings"])
+
+
+def test_too_few_calibration_models_warn_on_fit_estimate_and_in_the_file(data, tmp_path):
+    from evomerge.fitness.calibration_fit import MIN_INFORMATIVE_MODELS
+
+    few = write_csv(tmp_path / "few.csv", data["models"][:5], data["items"][:40], data["calib"][:5, :40])
+    out = tmp_path / "few.json"
+    proc = run("fit", "--responses", few, "--out", out, "--anchors", 10, "--task", "p")
+    assert proc.returncode == 0, proc.stderr
+    said = f"5 calibration models, fewer than {MIN_INFORMATIVE_MODELS}"
+    warned = [w for w in proc.stderr.splitlines() if w.startswith("evomerge: warning: task p:") and said in w]
+    assert len(warned) == 1, proc.stderr  # once: the log record is not printed a second time
+    recorded = json.loads(out.read_text())["tasks"]["p"]["diagnostics"]["warnings"]
+    assert [w for w in recorded if said in w] == [warned[0].removeprefix("evomerge: warning: task p: ")]
+    anchors = anchors_of(out, "p")
+    new = write_csv(tmp_path / "new.csv", ["n0"], anchors, data["new"][:1, [data["items"].index(i) for i in anchors]])
+    est = run("estimate", "--calibration", out, "--responses", new, "--json")
+    assert est.returncode == 0 and said in est.stderr, est.stderr
+    json.loads(est.stdout)  # the warning goes to stderr: the JSON on stdout stays parseable
+    # enough models: no such warning
+    enough = write_csv(tmp_path / "enough.csv", data["models"], data["items"], data["calib"])
+    if len(data["models"]) >= MIN_INFORMATIVE_MODELS:
+        proc = run("fit", "--responses", enough, "--out", tmp_path / "enough.json", "--anchors", 10, "--dims", 1)
+        assert proc.returncode == 0 and "calibration models, fewer than" not in proc.stderr, proc.stderr

@@ -114,6 +114,22 @@ def test_exact_rank_ranges_with_and_without_sorted_magnitudes_match_a_stable_sor
             assert torch.equal(fast, _brute_rank_range(x, upto, skip)), (upto, skip)
 
 
+def test_a_cut_among_zeros_needs_no_position_lists_and_keeps_the_same_values():
+    """Frozen weights have all-zero task vectors (and partly frozen ones many zeros): a cut that falls among
+    the zeros keeps the same values whichever zeros it counts, so it is exact (no nonzero(), no scatter)."""
+    x = torch.zeros(50_000)
+    x[:100] = torch.linspace(0.01, 1, 100) * torch.tensor([1.0, -1.0]).repeat(50)  # 100 distinct magnitudes
+    sm = SortedMagnitudes(x)
+    for upto, skip in [(25_000, 0), (25_000, 50), (1000, 500), (50_000, 0)]:
+        r = rank_range(x, upto, skip, sm)
+        assert r.exact, (upto, skip)
+        for rr in (r, rank_range(x, upto, skip)):  # with sorted magnitudes, and the reference selection
+            kept = apply_rank_range(x, rr, torch.empty_like(x), torch.empty_like(x))
+            assert torch.equal(kept, _brute_rank_range(x, upto, skip)), (upto, skip)
+        assert rank_range(x, upto, 0).add is None  # the reference's cut among zeros lists no positions either
+    assert rank_range(torch.zeros(10), 5, 0, SortedMagnitudes(torch.zeros(10))).exact
+
+
 def test_distinct_magnitudes_give_an_exact_cut_with_no_position_lists():
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
     r = rank_range(x, 3000, 100, SortedMagnitudes(x))
@@ -159,8 +175,8 @@ def test_random_methods_are_reproducible_from_the_seed(method):
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(64, 32, generator=gen)
     models = [base + torch.randn(64, 32, generator=gen) * 0.1 for _ in range(2)]
-    kw = dict(weight=[0.6, 0.4], density=[0.5, 0.4])
-    run = lambda seed: merge_tensors(method, models, base=base, seed=seed, **kw)  # noqa: E731
+    kw = {"weight": [0.6, 0.4], "density": [0.5, 0.4]}
+    run = lambda seed: merge_tensors(method, models, base=base, seed=seed, **kw)
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
 
@@ -175,8 +191,8 @@ def _sparsified(method, delta, seed, rescale=True, density=0.3, **extra):
 def test_dare_rescaling_preserves_the_expectation(method):
     """Averaged over seeds, DARE's rescaled output is the task vector; unrescaled, ~density times it."""
     delta = torch.randn(4000, generator=torch.Generator().manual_seed(1))
-    slope = lambda avg: float((avg * delta).sum() / (delta * delta).sum())  # noqa: E731
-    mean = lambda rescale: torch.stack([_sparsified(method, delta, s, rescale) for s in range(300)]).mean(0)  # noqa: E731
+    slope = lambda avg: float((avg * delta).sum() / (delta * delta).sum())
+    mean = lambda rescale: torch.stack([_sparsified(method, delta, s, rescale) for s in range(300)]).mean(0)
     assert slope(mean(True)) == pytest.approx(1.0, abs=0.02)
     assert slope(mean(False)) == pytest.approx(0.3, abs=0.02)
 
@@ -214,7 +230,7 @@ def test_registry_suggests_the_nearest_name():
 
 # what a tensor function may take besides the spec's parameters, and the spec flag that makes callers pass it
 RUNTIME_ARGS = {"out": None, "ws": None, "seed": "random", "magnitudes": "uses_magnitude", "ranks": "uses_ranks",
-                "l1": "rescale"}
+                "l1": "rescale", "relative": "base_optional"}
 
 
 def test_every_tensor_method_has_one_function_taking_exactly_its_spec_parameters():

@@ -104,6 +104,8 @@ BAD = [
     ({"merge_method": "ties", "base_model": "b", "models": [], "parameters": {"weight": 1}}, "non-empty list"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"weight": 1}, "tokenizer_source": "union"}, "union"),
     ({"merge_method": "dataflow", "models": ["a"]}, "dataflow is not a parameter-space merge"),  # in the catalogue, but no tensor merge
+    ({"merge_method": "linear", "models": ["a"], "parameters": {"weight": 1}, "out_path": "x"}, "'out_path' is not supported"),
+    ({"merge_method": "linear", "models": ["a"], "parameters": {"weight": 1}, "modules": {}}, "'modules' is not supported"),
 ]
 
 

@@ -1,7 +1,7 @@
 """The command line: parse, call the library, print. Errors a user can fix print as one line, exit code 2.
 
-One module per group of commands (merge.py: merge, methods; calibration.py: calibrate, irt; search.py:
-search, resume, submit, status; export.py; dashboard.py: dashboard, report; demo.py; jobs.py), each with its
+One module per group of commands (merge.py: merge, methods; calibration.py: calibrate, irt; plan.py: plan;
+search.py: search, resume, submit, status; export.py; dashboard.py: dashboard, report; demo.py; jobs.py), each with its
 `add_*_parser` and its commands; parser.py assembles them; progress.py draws long work on stderr. The CLI
 alone imports rich and argparse.
 """

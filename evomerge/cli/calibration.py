@@ -110,7 +110,7 @@ def cmd_irt_fit(args: argparse.Namespace) -> int:
     for name, t in calibration.tasks.items():
         d = t.diagnostics
         print(f"task {name}: {d['models']} models x {d['items']} items, IRT dimension {d['dims']}, "
-              f"{len(t.anchors)} anchors ({args.method}), gp-IRT lambda {t.lambdas['gpirt']:.3f}, "
+              f"{len(t.anchors)} anchors ({d.get('anchor_method', args.method)}), gp-IRT lambda {t.lambdas['gpirt']:.3f}, "
               f"gmp-IRT lambda {t.lambdas['gmpirt']:.3f}")
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     _print_warnings(calibration)
@@ -127,13 +127,15 @@ def cmd_irt_estimate(args: argparse.Namespace) -> int:
     calibration = Calibration.load(args.calibration)
     default = args.task or (next(iter(calibration.tasks)) if len(calibration.tasks) == 1 else None)
     records = []
-    for task, path in _task_files(args.responses, default).items():
+    files = _task_files(args.responses, default)
+    for task, path in files.items():
         calibration.task(task)  # an unknown task fails before the file is read
         records += estimate_responses(calibration, task, read_responses(path))
     if args.json:
         print(json.dumps(records, indent=1))
     else:
         _print_estimates(records)
+    _print_warnings(calibration, list(files))  # estimates from a calibration that warned carry its warning
     return 0
 
 
@@ -164,8 +166,10 @@ def _print_estimates(records: list[dict]) -> None:
     Console().print(table)
 
 
-def _print_warnings(calibration) -> None:
+def _print_warnings(calibration, tasks: list[str] | None = None) -> None:
     """A fit that cannot be trusted says so (the file keeps the same words under diagnostics.warnings)."""
     for name, t in calibration.tasks.items():
+        if tasks is not None and name not in tasks:
+            continue
         for warning in t.diagnostics.get("warnings", []):
             print(f"evomerge: warning: task {name}: {warning}", file=sys.stderr)

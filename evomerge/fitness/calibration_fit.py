@@ -12,9 +12,14 @@ sets of 10-40 models):
 2. Fit the 2PL model of dimension D on all models; its abilities of the named sources are saved for mp-IRT.
 3. Choose the anchors (random / correctness / irt) and their weights from the full fit.
 4. gp-IRT's lambda by the bias/variance rule of tinyBenchmarks: lambda = b^2 / (b^2 + v), b = error (b) of
-   p-IRT on the held-out models (the IRT model's bias once theta is pinned down), v = variance of the weighted
-   anchor mean (stratified-sampling variance over the anchors' clusters, averaged over the calibration models).
+   p-IRT on the held-out models (the IRT model's bias once theta is pinned down), scaled to the share of the task
+   p-IRT predicts ((N - n) / N: the n anchors' answers enter as they are); v = expected squared error of the
+   weighted anchor mean under the fitted IRT model, averaged over the calibration models' abilities.
    gmp-IRT's lambda the same way with the held-out error of mp-IRT; MERGE^3 fixes it at 0.5.
+
+With fewer than MIN_INFORMATIVE_MODELS models at most one is held out, and k-means anchors cluster the items those
+few models all answered alike: step 1 takes D = the smallest candidate and the middle slope sd without choosing,
+step 3 takes stratified random anchors, and the task's diagnostics carry a warning (bench/IRT_NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from evomerge.registry import UnknownNameError
 from evomerge.seeds import derive_seed
 
 log = logging.getLogger(__name__)
+# warnings reach the handlers an application configures; without any, Python's last-resort handler would print
+# them a second time beside the CLI's own `evomerge: warning:` lines
+log.addHandler(logging.NullHandler())
 
 DEFAULT_DIMS = (1, 2, 3, 5)
 # spread of the items' slopes around their common slope (the prior's sd). With 10-40 models an item's own
@@ -44,6 +52,9 @@ DEFAULT_DIMS = (1, 2, 3, 5)
 # on 40 simulated models x 5000 items, sd 1 left held-out abilities at 40% of their spread, sd 0.03 at 99%.
 DEFAULT_A_SD = (0.03, 0.1, 0.3)
 MIN_MODELS = 4
+# below this many calibration models the IRT fit is not informative (bench/bench_irt_models.py, IRT_NOTES.md):
+# p-IRT's error was well above its plateau, and only one model can be held out to choose D, slope sd and lambda
+MIN_INFORMATIVE_MODELS = 8
 HELDOUT_SHARE = 0.2  # tinyBenchmarks holds out every 5th training model to choose D
 HELDOUT_DRAWS = 5  # random anchor-sized subsets per held-out model when scoring a candidate D
 SELECTION_TOL = 1e-6  # relative loss change that ends a candidate's fit (the final fit: 1e-7)
@@ -104,6 +115,11 @@ def fit_task(task: str, resp: Responses, *, n_anchors: int, seed: int, anchor_me
     usable = sorted(d for d in dims if d <= max(1, len(train) // 2))  # more dims than half the models overfit
     if not usable:
         usable = [min(dims)]
+    few = m < MIN_INFORMATIVE_MODELS
+    if few:
+        # at most one model is held out: choosing D and the slope sd on its error did worse than not choosing
+        # (bench/IRT_NOTES.md), so take the simplest D and the middle sd (the anchors fall back below)
+        usable, a_sds = usable[:1], [a_sds[len(a_sds) // 2]]
 
     # held-out choice of (slope sd, D), one coordinate at a time: the slope sd at the smallest D, then D
     errors: dict[tuple[float, int], dict[str, float]] = {}
@@ -125,23 +141,35 @@ def fit_task(task: str, resp: Responses, *, n_anchors: int, seed: int, anchor_me
         chosen = min(usable, key=lambda d: score(spread, d))
 
     fit = fit_2pl(y, chosen, prior=replace(prior, a_sd=spread))
-    anchors = select_anchors(anchor_method, n_anchors, y, fit.items, derive_seed(seed, "anchors"))
-    v = _anchor_variance(y, anchors.labels, anchors.weights)
+    method = anchor_method
+    if few and method != "random":
+        # k-means on few models' answers (or on item parameters fitted from them) groups the items they all answered
+        # alike: clusters of very unequal size, one anchor each; strata of equal size by item mean do much better
+        method = "random"
+    anchors = select_anchors(method, n_anchors, y, fit.items, derive_seed(seed, "anchors"))
+    v = anchor_mean_mse(fit.items, fit.theta, anchors.index, anchors.weights)
     lambdas = {"gpirt": DEFAULT_LAMBDA, "gmpirt": DEFAULT_LAMBDA}
     if errors:
         best = errors[spread, chosen]
-        lambdas["gpirt"] = _bias_variance_lambda(best["half"], v)
+        unseen = (len(resp.items) - n_anchors) / len(resp.items)  # the share of the estimate the IRT model predicts
+        lambdas["gpirt"] = _bias_variance_lambda(unseen * best["half"], v)
         if "mp_half" in best:
-            lambdas["gmpirt"] = _bias_variance_lambda(best["mp_half"], v)
+            lambdas["gmpirt"] = _bias_variance_lambda(unseen * best["mp_half"], v)
     source_theta = {name: fit.theta[resp.models.index(name)].tolist() for name in sources}
     seconds = time.perf_counter() - start
     diagnostics = {
         "models": m, "items": len(resp.items), "heldout_models": int(n_val), "dims": chosen, "a_sd": spread,
+        "anchor_method": method,
         "heldout_errors": {f"a_sd={s:g},D={d}": {k: round(e, 5) for k, e in errs.items()}
                            for (s, d), errs in errors.items()},
-        "anchor_variance": round(float(v), 7), "fit_iterations": fit.iterations, "fit_converged": fit.converged,
+        "anchor_mse": round(float(v), 7), "fit_iterations": fit.iterations, "fit_converged": fit.converged,
         "seconds": round(seconds, 2), "warnings": degenerate_fit_warnings(y, fit.converged, n_val),
     }
+    if few:
+        diagnostics["warnings"].append(too_few_models_warning(m, chosen, spread, lambdas["gpirt"], int(n_val),
+                                                              anchor_method))
+    for warning in diagnostics["warnings"]:
+        log.warning("task %s: %s", task, warning)
     log.info("task %s: %d models x %d items, D=%d, lambdas %s, %.1f s", task, m, len(resp.items), chosen,
              lambdas, seconds)
     return TaskCalibration(name=task, item_ids=list(resp.items), items=fit.items, anchors=anchors.index,
@@ -166,6 +194,19 @@ def degenerate_fit_warnings(y: np.ndarray, converged: bool, heldout: int) -> lis
     if heldout == 0:
         warnings.append("too few models to hold any out: IRT dimension and mixing weights are defaults, not chosen")
     return warnings
+
+
+def too_few_models_warning(models: int, dims: int, a_sd: float, lam: float, heldout: int, anchor_method: str) -> str:
+    """The one line that says a calibration has too few models to be informative, and what it fell back to."""
+    basis = f"fitted on {heldout} held-out model" + "s" * (heldout != 1) if heldout else "the default, none held out"
+    anchors = "random (strata by item mean)" + ("" if anchor_method == "random" else f" instead of {anchor_method}")
+    return (f"{models} calibration models, fewer than {MIN_INFORMATIVE_MODELS}: too few for an informative IRT fit "
+            "(at most one model can be held out to choose its settings, and k-means anchors group the items these "
+            "few models all answered alike; on simulated tasks the usual calibration's p-IRT error was then up to "
+            f"1.6x what {MIN_INFORMATIVE_MODELS} or more models give, see bench/IRT_NOTES.md); fell back to IRT "
+            f"dimension {dims}, slope prior sd {a_sd:g}, anchors {anchors}, gp-IRT weight of the anchor mean "
+            f"{lam:.2f} ({basis}); estimates stay up to 1.3x less accurate: calibrate with at least "
+            f"{MIN_INFORMATIVE_MODELS} models")
 
 
 def _validate(task: str, resp: Responses, n_anchors: int, sources: list[str]) -> None:
@@ -248,22 +289,20 @@ def _prediction_error(items: ItemParams, y: np.ndarray, seen: np.ndarray) -> flo
     return float(np.mean(np.abs(pred - true)[keep])) if keep.any() else math.nan
 
 
-def _anchor_variance(y: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-    """Variance of the weighted anchor mean as a stratified sample (one item per cluster), mean over models.
+def anchor_mean_mse(items: ItemParams, theta: np.ndarray, anchors: np.ndarray, weights: np.ndarray) -> float:
+    """Expected squared error of the weighted anchor mean as an estimate of the full-task accuracy, under the IRT
+    model, averaged over the abilities theta (M, D) of the calibration models.
 
-    Var = sum_c w_c^2 s_c^2, s_c^2 = the variance of a model's answers within cluster c. For `random` anchors the
-    clusters are the strata; a single-item cluster contributes nothing.
+    Given theta the answers are independent Bernoulli(P_i), and anchor mean - accuracy = sum_i c_i y_i with
+    c_i = w_i [i is an anchor] - 1/N: its mean is c . P, its variance sum_i c_i^2 P_i (1 - P_i). (The within-cluster
+    spread of the calibration models' own answers is no estimate of this: the clusters are made from those answers,
+    and with few models every cluster holds items they all answered alike, so it was 0 and lambda 1.)
     """
-    k = len(weights)
-    total = 0.0
-    for c in range(k):
-        block = y[:, labels == c]  # (M, n_c)
-        if block.shape[1] < 2:
-            continue
-        with np.errstate(invalid="ignore"):
-            s2 = np.nanvar(block, axis=1)
-        total += weights[c] ** 2 * float(np.nanmean(s2))
-    return total
+    n = len(items.b)
+    coef = np.full(n, -1.0 / n)
+    coef[anchors] += weights / weights.sum()
+    p = items.prob(theta)  # (M, N)
+    return float(np.mean((p @ coef) ** 2 + (p * (1 - p)) @ coef**2))
 
 
 def _bias_variance_lambda(bias: float, variance: float) -> float:

@@ -5,13 +5,14 @@ reads each task vector and the base once and writes the result once, which is wh
 bandwidth bound allows. Compiling takes seconds once per process and number of models (shapes are
 dynamic, coefficients are tensors, so new recipes do not recompile), which pays off only when many
 recipes are merged: the materializer uses it when asked (`fused=True`), one-shot merges do not.
-If compilation is unavailable (no C++ compiler, say), the eager kernel runs instead, with a warning.
+If compilation is unavailable (no C++ compiler, say), the eager kernel runs instead, with a warning; an
+out-of-memory error is raised as it is.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -77,8 +78,21 @@ def _kept_l1(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor,
     return torch.where(_keep(s, lo, hi, seed, threshold, random), s.abs(), 0.0).sum()
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure, however torch or its compiler wrapped it (the compiler re-raises errors
+    from inside a kernel's run as its own exception types)."""
+    while e is not None:
+        text = str(e).lower()
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _run(name: str, fn, *args):
-    """fn compiled (once per process and argument structure), or as plain ops if compilation fails."""
+    """fn compiled (once per process and argument structure), or as plain ops if compilation fails.
+    Running out of memory is not a compilation failure: it is raised, never hidden behind the fallback
+    (the eager ops would need more memory still)."""
     global _broken
     if not _broken:
         try:
@@ -86,6 +100,8 @@ def _run(name: str, fn, *args):
                 _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
             return _compiled[name](*args)
         except Exception as e:  # compilation needs a working compiler toolchain; degrade, don't fail
+            if out_of_memory(e):
+                raise
             _broken = True
             log.warning("fused merge kernels unavailable (%s: %s); using eager ops", type(e).__name__, e)
     return fn(*args)
@@ -98,7 +114,7 @@ def _draw(part) -> tuple[int, int]:
 def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, consensus: bool, normalize: bool, ws=None) -> None:
     """Same result as the eager combine (up to float rounding), in one pass over memory."""
     dev = base.device
-    vec = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=dev)  # noqa: E731
+    vec = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=dev)
     draws = [_draw(p) for p in parts]
     _run(
         "combine", _kernel,
@@ -114,7 +130,7 @@ def fused_kept_l1(part) -> float:
     """L1 norm of what a part keeps (its cut and draw applied), without writing the kept tensor."""
     dev = part.src.device
     seed, threshold = _draw(part)
-    scalar = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=dev)  # noqa: E731
+    scalar = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=dev)
     return float(_run(
         "kept_l1", _kept_l1, part.src.reshape(-1), scalar(part.keep.lo), scalar(part.keep.hi),
         scalar(seed, torch.int64), scalar(threshold, torch.int64), part.draw is not None,

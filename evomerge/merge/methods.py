@@ -15,8 +15,8 @@ arithmetic done in it). Without them, methods allocate and behave the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from evomerge.merge.sparsify import (
     rank_range,
     ranks_as_float,
     row_ranks,
+    select_ranks_into,
 )
 from evomerge.merge.specs import METHODS, TENSOR
 
@@ -109,7 +110,10 @@ def sparsify_magnitude(delta: Tensor, density: float, buf: Tensor, sm: SortedMag
         return delta, KEEP_ALL, None
     if density <= 0:
         return delta, KEEP_NONE, None
-    return delta, rank_range(delta, max(1, keep_fraction_count(density, delta.numel())), 0, sm), None
+    k = max(1, keep_fraction_count(density, delta.numel()))
+    if sm is None:  # no cached magnitudes: select exactly now, the kept entries written to buf
+        return select_ranks_into(delta, k, 0, buf), KEEP_ALL, None
+    return delta, rank_range(delta, k, 0, sm), None
 
 
 def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, sm: SortedMagnitudes | None = None):
@@ -119,6 +123,8 @@ def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, 
     n = delta.numel()
     keep = keep_fraction_count(density, n)
     top = min(int(gamma * n), n - keep)  # too few small entries left: drop fewer of the large ones
+    if sm is None:
+        return select_ranks_into(delta, keep + top, top, buf), KEEP_ALL, None
     return delta, rank_range(delta, keep + top, top, sm), None
 
 
@@ -305,14 +311,14 @@ def task_arithmetic(base, deltas, *, weight, lam, normalize, int8_mask, out=None
 @implements("ties")
 def ties(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None):
     sm, dens = _present(deltas, magnitudes), _present(deltas, density)
-    sp = lambda i, d, buf: sparsify_magnitude(d, dens[i], buf, sm[i])  # noqa: E731
+    sp = lambda i, d, buf: sparsify_magnitude(d, dens[i], buf, sm[i])
     return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
 
 def _dare(consensus: bool):
     def dare(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, seed, out=None, ws=None, l1=None):
         dens = _present(deltas, density)
-        sp = lambda i, d, buf: sparsify_random(d, dens[i], model_seed(seed, i))  # noqa: E731
+        sp = lambda i, d, buf: sparsify_random(d, dens[i], model_seed(seed, i))
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return dare
@@ -321,7 +327,7 @@ def _dare(consensus: bool):
 def _breadcrumbs(consensus: bool):
     def breadcrumbs(base, deltas, *, weight, density, gamma, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None):
         sm, dens, gam = _present(deltas, magnitudes), _present(deltas, density), _present(deltas, gamma)
-        sp = lambda i, d, buf: sparsify_outliers(d, dens[i], gam[i], buf, sm[i])  # noqa: E731
+        sp = lambda i, d, buf: sparsify_outliers(d, dens[i], gam[i], buf, sm[i])
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return breadcrumbs
@@ -333,7 +339,7 @@ def _della(consensus: bool):
         for d_, e_ in zip(dens, eps):
             if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
                 raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {d_}, epsilon {e_})")
-        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, model_seed(seed, i), rk[i])  # noqa: E731
+        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, model_seed(seed, i), rk[i])
         return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
 
     return della
@@ -411,7 +417,8 @@ def merge_tensors(
     **params,
 ) -> Tensor:
     """Reference entry point on raw tensors: merge `tensors` (the base may be one of them, by identity);
-    `params` as in YAML (`lambda` included), omitted ones at the method's defaults."""
+    `params` as in YAML (`lambda` included), omitted ones at the method's defaults. Methods whose base is
+    optional in mergekit (nuslerp, multislerp) run their baseless form when `base` is None."""
     fn, spec = tensor_function(method), METHODS[method]
     ref = base if base is not None else tensors[0]
     ref32 = ref.float()
@@ -419,4 +426,11 @@ def merge_tensors(
     kwargs = spec.arguments(params)
     if spec.random:
         kwargs["seed"] = seed
+    if spec.base_optional:  # no base given: the method's baseless form, on the tensors themselves
+        kwargs["relative"] = base is not None
     return fn(ref32, deltas, **kwargs)
+
+
+# The methods added with mergekit 0.1.5 live in their own modules (this one would pass ~500 lines); importing
+# them here registers their functions wherever IMPLEMENTATIONS is read. At the bottom: they import `implements`.
+from evomerge.merge import methods_geometric, methods_masked  # noqa: F401

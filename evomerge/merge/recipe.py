@@ -13,8 +13,9 @@ where the method does not read them are errors.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from evomerge.errors import RecipeError
 from evomerge.merge.specs import METHODS, TENSOR, MethodSpec, tensor_method_names
@@ -25,8 +26,32 @@ Value = float | bool | tuple[float, ...]  # scalar or gradient
 DTYPES = ("float32", "float16", "bfloat16")
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 MODEL_KEYS = ("model", "parameters")
-# mergekit keys evomerge does not implement: named in the error so the user knows it is not a typo
-KNOWN_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
+# mergekit keys a whole-model Recipe does not take: named in the error so the user knows it is not a typo.
+# `evomerge merge` runs slices, tokenizer and chat_template recipes through merge/slices.py instead.
+KNOWN_UNSUPPORTED = {
+    "slices": "layer-range recipes run with `evomerge merge` only; here use models: with per-layer gradients",
+    "tokenizer": "tokenizer settings run with `evomerge merge` only",
+    "chat_template": "chat templates are written by `evomerge merge` only",
+    "modules": "per-module recipes (multimodal models) are not supported",
+    "out_path": "a mergekit-multi key: give the output with `evomerge merge --out`",
+    "name": "a mergekit-multi key (recipes chained by name) is not supported: run each recipe on its own",
+}
+
+
+def missing_parameter(spec: MethodSpec, shared: list[Mapping], inputs) -> tuple[str, str | None] | None:
+    """The first required parameter (no default) that is set nowhere: (name, None) when a merge-wide one is in
+    none of the `shared` scopes, (name, model) when a per-model one is in neither the model's parameters nor
+    them; None when every one is set. `inputs`: entries with `.model` and `.parameters`."""
+    for p in spec.params:
+        if p.default is not None:
+            continue
+        if not p.per_model and not any(p.name in scope for scope in shared):
+            return p.name, None
+        if p.per_model:
+            for entry in inputs:
+                if not any(p.name in scope for scope in [entry.parameters, *shared]):
+                    return p.name, entry.model
+    return None
 
 
 @dataclass(frozen=True)
@@ -93,11 +118,7 @@ class Recipe:
         entries = []
         for i, item in enumerate(models):
             at = f"{where}: models[{i}]"
-            if isinstance(item, str):
-                item = {"model": item}
-            if not isinstance(item, dict) or "model" not in item:
-                raise RecipeError(f"{at} must be a mapping with a 'model' key")
-            _check_keys(item, MODEL_KEYS, at)
+            item = model_item(item, at, MODEL_KEYS)
             params = item.get("parameters") or {}
             if not isinstance(params, dict):
                 raise RecipeError(f"{at}.parameters must be a mapping of parameter name to value")
@@ -125,11 +146,19 @@ class Recipe:
     def inputs(self) -> list[ModelEntry]:
         """The models the method combines, in order. For base-relative methods the base is left out;
         for linear a base_model counts as one more weighted input (as in mergekit)."""
-        if self.spec.needs_base:
+        if self.spec.needs_base and not self.baseless:
             return [e for e in self.models if e.model != self.base_model]
+        if self.baseless:
+            return list(self.models)
         listed = [e.model for e in self.models]
         extra = [ModelEntry(self.base_model)] if self.base_model and self.base_model not in listed else []
         return list(self.models) + extra
+
+    @property
+    def baseless(self) -> bool:
+        """A method mergekit also runs without a base (nuslerp, multislerp), given none: it combines the models'
+        weights themselves."""
+        return self.spec.base_optional and not self.base_model
 
     def model_names(self) -> list[str]:
         names = [e.model for e in self.models]
@@ -155,13 +184,12 @@ class Recipe:
         if spec.kind != TENSOR:  # dataflow documents have their own parser (dataflow_recipe.py)
             raise RecipeError(f"{where}: merge_method: {self.method} is not a parameter-space merge (it takes sources "
                               f"and a path, not models): use one of {', '.join(tensor_method_names())}")
-        if spec.needs_base and not self.base_model:
+        if spec.needs_base and not self.base_model and not spec.base_optional:
             raise RecipeError(f"{where}: {self.method} needs base_model: add 'base_model: PATH'")
         inputs = self.inputs()
         n = len(inputs)
-        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-            want = f"exactly {spec.min_models}" if spec.max_models == spec.min_models else f"at least {spec.min_models}"
-            extra = " besides the base model" if spec.needs_base else ""
+        if want := spec.model_count_problem(n):
+            extra = " besides the base model" if spec.needs_base and not self.baseless else ""
             raise RecipeError(f"{where}: {self.method} merges {want} model(s){extra}, got {n}")
 
         for name, setting in self.parameters.items():
@@ -169,18 +197,12 @@ class Recipe:
         for i, entry in enumerate(self.models):
             for name, setting in entry.parameters.items():
                 self._check_param(spec, name, setting, f"{where}: models[{i}].parameters.{name}", top_level=False)
-        for p in spec.params:
-            if p.default is not None:
-                continue
-            if not p.per_model and p.name not in self.parameters:
-                raise RecipeError(f"{where}: {self.method} needs parameter {p.name!r}: add it under the top-level parameters")
-            if p.per_model:
-                for entry in inputs:
-                    if p.name not in entry.parameters and p.name not in self.parameters:
-                        raise RecipeError(
-                            f"{where}: model {entry.model} has no {p.name!r} for {self.method}: add it to that "
-                            "model's parameters or to the top-level parameters"
-                        )
+        if missing := missing_parameter(spec, [self.parameters], inputs):
+            name, model = missing
+            if model is None:
+                raise RecipeError(f"{where}: {self.method} needs parameter {name!r}: add it under the top-level parameters")
+            raise RecipeError(f"{where}: model {model} has no {name!r} for {self.method}: add it to that model's "
+                              "parameters or to the top-level parameters")
 
     @staticmethod
     def _check_param(spec: MethodSpec, name: str, setting: Setting, at: str, top_level: bool) -> None:
@@ -305,12 +327,22 @@ def from_setting(setting: Setting) -> Any:
     return [({"filter": c.filter, "value": plain(c.value)} if c.filter is not None else {"value": plain(c.value)}) for c in setting]
 
 
+def model_item(item: Any, at: str, keys: Sequence[str]) -> dict:
+    """One entry of a `models:` list as a mapping (a bare string is {model: it}), its keys checked."""
+    if isinstance(item, str):
+        item = {"model": item}
+    if not isinstance(item, dict) or "model" not in item:
+        raise RecipeError(f"{at} must be a mapping with a 'model' key")
+    _check_keys(item, keys, at)
+    return item
+
+
 def _check_keys(data: dict, allowed: Sequence[str], where: str) -> None:
     for key in data:
         if key in allowed:
             continue
         if key in KNOWN_UNSUPPORTED:
-            raise RecipeError(f"{where}: mergekit key {key!r} is not supported by evomerge: remove it (use models: with per-layer gradients)")
+            raise RecipeError(f"{where}: mergekit key {key!r} is not supported here: {KNOWN_UNSUPPORTED[key]}")
         raise RecipeError(f"{where}: unknown key {key!r} (valid keys: {', '.join(allowed)})")
 
 
@@ -335,5 +367,6 @@ def _tokenizer_source(raw: Any, where: str) -> str | None:
     if raw is None or raw == "base":
         return raw
     if raw == "union":
-        raise RecipeError(f"{where}: tokenizer_source 'union' is not supported: use 'base' or a model path")
+        raise RecipeError(f"{where}: tokenizer_source 'union' runs with `evomerge merge` only: use 'base' or a model "
+                          "path here")
     return _model_ref(raw, f"{where}: tokenizer_source")

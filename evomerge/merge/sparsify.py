@@ -65,10 +65,14 @@ def _top_cut(x: torch.Tensor, k: int, sm: SortedMagnitudes | None) -> tuple[floa
     if sm is None:  # reference path: a full selection
         mag = x.reshape(-1).abs().float()
         t = torch.kthvalue(mag, n - k + 1).values
+        if float(t) == 0.0:  # tied zeros: the same values whichever of them are kept
+            return 0.0, None
         need = k - int((mag > t).sum())
         return float(t), (mag == t).nonzero().squeeze(1)[:need]  # nonzero() is ascending: lowest indices win
     v = sm.values
     t = v[n - k]  # the k-th largest
+    if float(t) == 0.0:  # the tie is among zeros: kept or not, they add nothing (frozen weights' task vectors)
+        return 0.0, None
     first = int(torch.searchsorted(v, t.reshape(1)))  # where the run of entries equal to t starts
     if first == n - k:  # the run lies inside the top k: cut strictly above the next smaller value
         return (float(v[first - 1]) if first > 0 else -1.0), None
@@ -85,6 +89,30 @@ def rank_range(x: torch.Tensor, upto: int, skip: int = 0, sm: SortedMagnitudes |
         return RankRange(lo, math.inf, add)
     hi_strict, drop = _top_cut(x, skip, sm)  # the top `skip` are |x| > hi_strict plus `drop`
     return RankRange(lo, hi_strict, add, drop)
+
+
+def _top_mask(mag: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """out (bool) = the k largest of mag, ties at the cut to the lowest positions; device ops only, so an
+    accelerator never waits on a host sync (the count of tied entries to keep stays a device tensor)."""
+    n = mag.numel()
+    if k >= n or k <= 0:
+        return out.fill_(k > 0)
+    t = torch.kthvalue(mag, n - k + 1).values  # the k-th largest
+    torch.gt(mag, t, out=out)
+    need = k - out.sum()  # tied entries that belong to the top k
+    tied = mag == t
+    out |= tied & (tied.cumsum(0, dtype=torch.int32) <= need)
+    return out
+
+
+def select_ranks_into(x: torch.Tensor, upto: int, skip: int, out: torch.Tensor) -> torch.Tensor:
+    """out = x where its descending magnitude rank is in skip .. upto-1, else 0: the same entries as
+    rank_range + apply_rank_range keep, found per call without sorted magnitudes."""
+    mag = x.reshape(-1).abs()
+    keep = _top_mask(mag, upto, torch.empty(mag.shape, dtype=torch.bool, device=x.device))
+    if skip > 0:
+        keep &= ~_top_mask(mag, skip, torch.empty_like(keep))
+    return torch.where(keep.view(x.shape), x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
 
 
 def apply_rank_range(x: torch.Tensor, r: RankRange, out: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:

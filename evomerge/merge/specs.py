@@ -13,8 +13,10 @@ Two kinds of method:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from evomerge.registry import Registry
 
@@ -30,6 +32,7 @@ class Param:
     low: float | None = None  # inclusive bounds, checked when recipes are validated
     high: float | None = None
     is_bool: bool = False
+    is_int: bool = False  # a whole number (e.g. an iteration count): set, not searched as a range gene
 
     @property
     def arg(self) -> str:
@@ -44,11 +47,21 @@ class MethodSpec:
     description: str  # one line: what `evomerge methods` prints
     params: tuple[Param, ...] = ()
     needs_base: bool = False  # a base model is required (task vectors are taken against it)
+    base_optional: bool = False  # mergekit also runs it without a base: the function takes `relative`
     min_models: int = 1  # merged models, base excluded where needs_base
     max_models: int | None = None
     random: bool = False  # the tensor function takes `seed`
     uses_magnitude: bool = False  # takes `magnitudes`: SortedMagnitudes per task vector
     uses_ranks: bool = False  # takes `ranks`: row_ranks() per task vector
+
+    def model_count_problem(self, n: int) -> str | None:
+        """None when `n` merged models suit the method, else what it needs ("exactly 2", "at least 1", ...)."""
+        if self.min_models <= n and (self.max_models is None or n <= self.max_models):
+            return None
+        if self.max_models == self.min_models:
+            return f"exactly {self.min_models}"
+        return f"at most {self.max_models}" if self.max_models is not None and n > self.max_models \
+            else f"at least {self.min_models}"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -92,48 +105,107 @@ def _rescale(default: bool) -> Param:
     return Param("rescale", default, per_model=False, is_bool=True)
 
 
-# Defaults follow mergekit 0.1.5 for the same parameters.
+def _nonnegative(name: str, default: float | None) -> Param:
+    """A merge-wide number >= 0 (thresholds, step sizes); the upper bound inf keeps messages and gene ranges
+    that print [low, high] well-formed."""
+    return Param(name, default, per_model=False, low=0.0, high=math.inf)
+
+
+# Defaults follow mergekit 0.1.5 for the same parameters. Descriptions are one complete line each, and
+# distinct: `evomerge methods` prints them whole (wrapped, never cut); tests/test_methods_new.py checks.
 _add(MethodSpec(
-    "linear", TENSOR, "Weighted average of the models (weights divided by their sum when normalize).",
+    "linear", TENSOR, "Weighted average of the models' weights (weights divided by their sum when normalize).",
     (WEIGHT, _normalize(True))))
 _add(MethodSpec(
-    "task_arithmetic", TENSOR, "base + lambda * sum_i weight_i * (model_i - base).",
+    "task_arithmetic", TENSOR, "Task arithmetic: base + lambda * sum_i weight_i * (model_i - base).",
     (WEIGHT, LAMBDA, _normalize(False), INT8_MASK), needs_base=True))
 _add(MethodSpec(
     "ties", TENSOR, "TIES: keep each task vector's largest-magnitude entries, elect signs, average the agreeing ones.",
     (WEIGHT, DENSITY, LAMBDA, _normalize(True), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True))
-
-_DARE = "DARE: drop task-vector entries at random (keep probability density), rescale to the same L1 norm."
-_add(MethodSpec("dare_linear", TENSOR, _DARE, (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK),
-                needs_base=True, random=True))
-_add(MethodSpec("dare_ties", TENSOR, _DARE, (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK),
-                needs_base=True, random=True))
-
-_BREADCRUMBS = "Model Breadcrumbs: drop both the largest (gamma) and the smallest task-vector entries."
-_add(MethodSpec("breadcrumbs", TENSOR, _BREADCRUMBS,
-                (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK),
-                needs_base=True, uses_magnitude=True))
-_add(MethodSpec("breadcrumbs_ties", TENSOR, _BREADCRUMBS,
-                (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK),
-                needs_base=True, uses_magnitude=True))
-
-_DELLA = "DELLA: drop entries at random, larger magnitudes kept more often; rescale to the same L1 norm."
-_add(MethodSpec("della", TENSOR, _DELLA,
-                (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK),
-                needs_base=True, random=True, uses_ranks=True))
-_add(MethodSpec("della_linear", TENSOR, _DELLA,
-                (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK),
-                needs_base=True, random=True, uses_ranks=True))
+_add(MethodSpec(
+    "dare_linear", TENSOR,
+    "DARE: drop task-vector entries at random (keep probability density), rescale, add them weighted.",
+    (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True))
+_add(MethodSpec(
+    "dare_ties", TENSOR,
+    "DARE-TIES: drop task-vector entries at random, rescale, elect signs, combine the agreeing ones.",
+    (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True))
+_add(MethodSpec(
+    "breadcrumbs", TENSOR,
+    "Model Breadcrumbs: drop each task vector's largest (gamma) and smallest entries, add the rest weighted.",
+    (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK),
+    needs_base=True, uses_magnitude=True))
+_add(MethodSpec(
+    "breadcrumbs_ties", TENSOR,
+    "Breadcrumbs-TIES: drop the largest (gamma) and smallest entries, elect signs, combine the agreeing ones.",
+    (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK),
+    needs_base=True, uses_magnitude=True))
+_add(MethodSpec(
+    "della", TENSOR,
+    "DELLA: drop entries at random, large ones kept more often (density +- epsilon), rescale, elect signs.",
+    (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK),
+    needs_base=True, random=True, uses_ranks=True))
+_add(MethodSpec(
+    "della_linear", TENSOR,
+    "DELLA-linear: drop entries at random, large ones kept more often, rescale, add them weighted (no signs).",
+    (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK),
+    needs_base=True, random=True, uses_ranks=True))
 
 _add(MethodSpec(
     "slerp", TENSOR, "Spherical interpolation from the base (t = 0) to the other model (t = 1).",
     (Param("t", None, per_model=False),), needs_base=True, min_models=1, max_models=1))
 _add(MethodSpec(
     "model_stock", TENSOR,
-    "Model Stock: move from the base toward the models' average by t = N cos / (1 + (N - 1) cos), "
-    "cos the mean pairwise cosine of their task vectors.",
+    "Model Stock: move from the base toward the models' average, further the more their task vectors agree.",
     (Param("filter_wise", False, per_model=False, is_bool=True),), needs_base=True, min_models=2))
 
+# -- methods added with mergekit 0.1.5 (tensor functions in methods_geometric.py, methods_masked.py) --
+# nuslerp and multislerp take an optional base in mergekit: with one, they interpolate task vectors and add
+# the result to it; without, the models' weights. base_optional: a recipe may leave the base out
+# (Recipe.baseless), and the tensor function then gets `relative=False` (merge_tensors(base=None) too).
+_add(MethodSpec(
+    "nuslerp", TENSOR,
+    "NuSLERP: spherical interpolation of two models' task vectors at t = weight_2 / (weight_1 + weight_2).",
+    (WEIGHT, Param("nuslerp_row_wise", False, per_model=False, is_bool=True),
+     Param("nuslerp_flatten", True, per_model=False, is_bool=True)),
+    needs_base=True, base_optional=True, min_models=2, max_models=2))
+_add(MethodSpec(
+    "multislerp", TENSOR,
+    "Multi-SLERP: weighted interpolation of any number of task vectors on the hypersphere, at their mean norm.",
+    (WEIGHT, Param("normalize_weights", True, per_model=False, is_bool=True),
+     _nonnegative("eps", 1e-8)),
+    needs_base=True, base_optional=True))
+_add(MethodSpec(
+    "karcher", TENSOR,
+    "Karcher mean: equal-weight Riemannian mean of every input's direction, scaled to their mean norm.",
+    (Param("max_iter", 10, per_model=False, low=0, high=math.inf, is_int=True), _nonnegative("tol", 1e-5))))
+_add(MethodSpec(
+    "sce", TENSOR,
+    "SCE: keep the entries where task vectors vary most, weight each by its mean square, elect signs.",
+    (Param("select_topk", 1.0, per_model=False, low=0.0, high=1.0), INT8_MASK), needs_base=True))
+_add(MethodSpec(
+    "nearswap", TENSOR,
+    "NearSwap: move each base entry toward the other model by at most t (closer entries are taken whole).",
+    (_nonnegative("t", None),), needs_base=True, min_models=1, max_models=1))
+_add(MethodSpec(
+    "arcee_fusion", TENSOR,
+    "Arcee Fusion: take the other model's changes whose KL-weighted size is an outlier (> median + 1.5 IQR).",
+    (), needs_base=True, min_models=1, max_models=1, random=True))
+_RAM_EPSILON = _nonnegative("epsilon", 1e-5)  # |entry| above it: the model changed it
+_add(MethodSpec(
+    "ram", TENSOR,
+    "RAM: add the task vectors' changed entries; an entry changed by several models gets their mean.",
+    (_RAM_EPSILON,), needs_base=True))
+_add(MethodSpec(
+    "ramplus_tl", TENSOR,
+    "RAM+ (tensor-local): RAM with each model's unique entries scaled by 1 + r * min(shared/unique, alpha).",
+    (_nonnegative("r", 0.1), _nonnegative("alpha", 0.2), _RAM_EPSILON),
+    needs_base=True))
+
+# mergekit's layer copy (frankenmerges, depth up-scaling): a `slices:` recipe, one source per slice (merge/slices.py)
+_add(MethodSpec(
+    "passthrough", DATAFLOW, "Copy each slice's layer range from its one source, tensors times scale (mergekit slices).",
+    (Param("scale", 1.0, per_model=True),), max_models=1))
 _add(MethodSpec(
     DATAFLOW, DATAFLOW,
     "Data flow: run a path of layers taken from the sources (and parameter-space merges of them), each optionally "

@@ -2,8 +2,9 @@
 
 Every check that can fail later, in a worker, for every candidate, fails here instead, as one line that names
 the config field: source folders, the calibration and its tasks (and what it scored), the task folders,
-source compatibility (read from config.json and the safetensors headers), sources free of NaN/inf, and a
-search space that has something to search.
+source compatibility (read from config.json and the safetensors headers), sources free of NaN/inf, a
+search space that has something to search, and workers with the memory to hold what they must (`check_memory`,
+planned from the headers by evomerge.search.memory_plan).
 """
 
 from __future__ import annotations
@@ -151,11 +152,26 @@ def _recipe(space, x: np.ndarray, layer_counts: Mapping[str, int]) -> str | None
         return None
 
 
+def check_memory(config: RunConfig, config_dir: Path, where: str, workers) -> None:
+    """Refuse a search whose workers (`capacity.workers_for`) cannot hold the sources, the live model, the scratch
+    and a fitness batch under the configured sources settings: one line naming the setting to change and what
+    the change needs. Headers and config.json only; a memory the workers will get that is unknown refuses nothing.
+    `search` calls it before `create_run`; a config it cannot read is left to the other checks, in their order."""
+    from evomerge.search.memory_plan import plan_search
+
+    try:
+        message = plan_search(config, config_dir, where, workers).refusal(where)
+    except EvomergeError:  # a config it cannot read: the other checks name the problem, in their order
+        return
+    if message:
+        raise ConfigError(message)
+
+
 def sources_by_field(paths: Mapping[str, Path], base: Path | None) -> dict[str, Path]:
     """Config field -> model directory, base first (the reference of task vectors)."""
     fields = {"sources.base_model": base} if base is not None else {}
     return fields | {f"sources.models.{name}": path for name, path in paths.items()}
 
 
-__all__ = ["check_calibration", "check_source_dirs", "check_sources_compatible", "check_sources_finite",
+__all__ = ["check_calibration", "check_memory", "check_source_dirs", "check_sources_compatible", "check_sources_finite",
            "check_space_searchable", "check_task_paths", "sources_by_field"]

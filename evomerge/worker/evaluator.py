@@ -25,6 +25,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import FitnessError, RecipeError, one_line
 from evomerge.io.paths import find_path
 from evomerge.merge.dataflow_recipe import is_dataflow, parse_dataflow
+from evomerge.merge.fused import out_of_memory
 from evomerge.merge.recipe import Recipe
 from evomerge.search.candidates import FAILED, OK, Candidate, EvalResult
 from evomerge.worker.finite import all_finite
@@ -120,8 +121,11 @@ class Evaluator:
             timings["estimate"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001  (a bad candidate is a result, not a crash of the worker)
             timings["total"] = time.perf_counter() - start
-            return EvalResult(cand.key, FAILED, error=one_line(e), worker=self.worker, node=self.node,
-                              timings=timings)
+            error = one_line(e)
+            if out_of_memory(e):  # the same for every candidate of this size: say what to change
+                error = (f"out of memory: {error} (`evomerge plan CONFIG` shows what fits: sources.placement: host "
+                         "or a smaller fitness.batch_size)")
+            return EvalResult(cand.key, FAILED, error=error, worker=self.worker, node=self.node, timings=timings)
         timings["total"] = time.perf_counter() - start
         return EvalResult(cand.key, OK, responses, estimates, costs, None, self.worker, self.node, timings)
 

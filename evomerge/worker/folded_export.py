@@ -70,6 +70,29 @@ def folded_tensors(models: Mapping[str, nn.Module], path: Sequence[PathStep]) ->
         written.add((step.source, step.layer))
 
 
+def mergekit_files(recipe, model_type: str, dtype: torch.dtype | None, layer_types: Sequence | None = None,
+                   ) -> dict[str, str]:
+    """{mergekit.yaml: text}: the path as a mergekit passthrough recipe whose scale filters on the residual-writing
+    projections reproduce the folded weights; {} where mergekit cannot express the path (merge/mergekit_export.py).
+    layer_types: model A's config's per-layer list, if it has one."""
+    import yaml
+
+    from evomerge.merge.mergekit_export import MERGEKIT_YAML, to_mergekit_slices
+
+    if model_type not in FOLD_RULES:
+        return {}
+    name = None if dtype is None else str(dtype).removeprefix("torch.")
+    doc, _why = to_mergekit_slices(recipe, FOLD_RULES[model_type], name)
+    if doc is None:
+        return {}
+    head = "# this data-flow path as a mergekit 0.1.5 passthrough recipe (mergekit-yaml mergekit.yaml OUT)\n"
+    # measured: mergekit keeps the donor's layer_types list, which transformers 5 refuses at another layer count
+    if layer_types and len(layer_types) != len(recipe.path):
+        head += ("# note: mergekit 0.1.5 copies the config's per-layer layer_types unchanged, so with transformers 5 "
+                 "it fails on a new layer count; evomerge merge runs this file\n")
+    return {MERGEKIT_YAML: head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)}
+
+
 def _tied_names(model: nn.Module) -> set[str]:
     """Names that save_pretrained leaves out because they share storage with another (the tied LM head)."""
     if not getattr(model.config, "tie_word_embeddings", False):

@@ -1,12 +1,16 @@
 """The in-place materializer: recipe -> merged weights, written into one live model.
 
-Sources are read once onto the device: the reference (base) model's tensors and every other
-source's task vector (source - base), in float32. Each `materialize(recipe)` writes the merged
-tensors into the same preallocated model: no disk, no new model object, no per-candidate
-allocation beyond reusable scratch. Memory: base + task vectors + one live model + scratch
-(a few tensors of the largest shape) + data derived from the task vectors on first use by the
-methods that need it (sorted magnitudes for TIES/breadcrumbs, 4 bytes per entry; row ranks for
-DELLA, 2 bytes per entry).
+Sources are read once into a SourceStore: the raw tensors of the base and of every fine-tune, in their
+storage dtype (the checkpoint's by default), on the device or pinned on the host. Each
+`materialize(recipe)` walks the tensors once: it forms the base and each task vector (source - base) of one
+tensor in float32 scratch, merges, and writes the result into the same preallocated model: no disk, no new
+model object, no per-candidate allocation beyond reusable scratch. The difference of two bf16 or fp16
+numbers is exact in float32, so the result equals that of float32-resident task vectors bit for bit.
+
+Memory: sources ((K+1) x P x the storage dtype's size) + one live model + scratch (a few float32 tensors of
+the largest shape) + selection caches where on: each task vector's sorted magnitudes for TIES/breadcrumbs
+(4 bytes per entry) and row ranks for DELLA (2 bytes per entry). Caches are on for CPU workers, where
+building them once beats an exact selection per candidate; on accelerators the selection runs per candidate.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from evomerge.merge.methods import Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
 from evomerge.seeds import derive_seed
+from evomerge.worker.source_store import SourceStore
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,14 +57,25 @@ class Materializer:
         model_dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
         fused: bool = False,
+        storage_dtype: str | torch.dtype | None = "auto",
+        placement: str = "device",
+        selection_cache: bool | None = None,
+        store: SourceStore | None = None,
     ) -> None:
         """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
-        fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes)."""
+        fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes).
+        storage_dtype, placement: how the sources are held (see SourceStore); store: one already holding
+        them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
+        magnitudes / row ranks per task vector (None: on for a CPU device)."""
         if base not in sources:
             raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
         self.device = torch.device(device)
-        self.checkpoints = {name: Checkpoint.open(path, allow_pickle=allow_pickle) for name, path in sources.items()}
-        check_compatible(list(self.checkpoints.values()))
+        if store is None:
+            checkpoints = {name: Checkpoint.open(path, allow_pickle=allow_pickle) for name, path in sources.items()}
+            check_compatible(list(checkpoints.values()))
+            store = SourceStore(checkpoints, device=self.device, dtype=storage_dtype, placement=placement)
+        self.store = store
+        self.checkpoints = {name: store.checkpoints[name] for name in sources}
         self.base_name = base
         ref = self.checkpoints[base]
         self.reference = ref
@@ -67,16 +83,8 @@ class Materializer:
         self.model_dtype = model_dtype or ref.dtype
         self.names = list(ref.tensors)  # checkpoint order
         self.float_names = [n for n in self.names if ref.tensors[n].dtype.is_floating_point]
-
-        # resident state, float32 on the device
-        self.base: dict[str, torch.Tensor] = dict(ref.iter_tensors(device=self.device))
-        for n in self.float_names:
-            self.base[n] = self.base[n].float()
-        self.deltas: dict[str, dict[str, torch.Tensor]] = {}
-        for name, ck in self.checkpoints.items():
-            if name == base:
-                continue
-            self.deltas[name] = {n: t.float().sub_(self.base[n]) for n, t in ck.iter_tensors(self.float_names, device=self.device)}
+        self.selection_cache = self.device.type == "cpu" if selection_cache is None else selection_cache
+        store.tensors(base)  # the base is read now: every recipe needs it
         self._magnitudes: dict[tuple[str, str], SortedMagnitudes] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str], float] = {}
@@ -141,23 +149,27 @@ class Materializer:
         self._check(recipe)
         spec, merge = recipe.spec, tensor_function(recipe.method)
         inputs = [e.model for e in recipe.inputs()]
+        held = [self.base_name, *dict.fromkeys(m for m in inputs if m != self.base_name)]
         with torch.no_grad():
-            for name in self.names:
+            for name, tensors in self.store.stream(self.names, held):
                 target = targets[name]
                 if name not in self.float_names:
-                    target.copy_(self.base[name])  # integer tensors are not merged: the base's are kept
+                    target.copy_(tensors[self.base_name])  # integer tensors are not merged: the base's are kept
                     continue
-                base = self.base[name]
-                deltas = [None if m == self.base_name else self.deltas[m][name] for m in inputs]
+                base = self._as_float32(tensors[self.base_name], "source.base")
+                task = {m: self._task_vector(tensors[m], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
+                deltas = [task.get(m) for m in inputs]
                 kwargs = recipe.resolve(name, layer_position(name, self.num_layers))  # every parameter, defaults filled
                 if spec.random:
                     kwargs["seed"] = derive_seed(seed, name)  # independent of tensor order
-                if spec.uses_magnitude:
-                    kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name)
-                if spec.uses_ranks:
-                    kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name)
+                if spec.base_optional:
+                    kwargs["relative"] = not recipe.baseless
+                if spec.uses_magnitude and self.selection_cache:
+                    kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name, task)
+                if spec.uses_ranks and self.selection_cache:
+                    kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name, task)
                 if spec.param("rescale") is not None and kwargs["rescale"]:
-                    kwargs["l1"] = self._derived(self._l1, _l1_norm, inputs, name)
+                    kwargs["l1"] = self._derived(self._l1, _l1_norm, inputs, name, task)
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
                 try:
                     result = merge(base, deltas, out=out, ws=self.workspace, **kwargs)
@@ -166,25 +178,39 @@ class Materializer:
                 if result is not target:
                     target.copy_(result)
 
-    def _derived(self, cache: dict, build, inputs: list[str], name: str) -> list:
+    def _as_float32(self, t: torch.Tensor, slot: str) -> torch.Tensor:
+        """t in float32: itself when it already is (read-only here), else a copy in scratch."""
+        if t.dtype == torch.float32:
+            return t
+        return self.workspace.get(slot, t, torch.float32).copy_(t)
+
+    def _task_vector(self, t: torch.Tensor, base: torch.Tensor, slot: str) -> torch.Tensor:
+        """t - base in float32 scratch, in one pass: a bf16/fp16 `t` is widened as it is read (exactly, so the
+        result equals widening it first)."""
+        return torch.sub(t, base, out=self.workspace.get(slot, t, torch.float32))
+
+    def _derived(self, cache: dict, build, inputs: list[str], name: str, task: dict[str, torch.Tensor]) -> list:
         """Data derived from each input's task vector for tensor `name` (fixed while the sources are
         loaded: built on first use, then cached); None for the base, which has no task vector."""
         for m in inputs:
             if m != self.base_name and (m, name) not in cache:
-                cache[m, name] = build(self.deltas[m][name])
+                cache[m, name] = build(task[m])
         return [None if m == self.base_name else cache[m, name] for m in inputs]
 
     def _check(self, recipe: Recipe) -> None:
         unknown = [m for m in recipe.model_names() if m not in self.checkpoints]
         if unknown:
             raise RecipeError(f"recipe model {unknown[0]!r} is not one of the loaded sources ({', '.join(self.checkpoints)})")
-        if recipe.spec.needs_base and recipe.base_model != self.base_name:
+        if recipe.spec.needs_base and not recipe.baseless and recipe.base_model != self.base_name:
             raise RecipeError(
                 f"recipe base_model {recipe.base_model!r} differs from the materializer's base {self.base_name!r}: "
                 "task vectors are kept relative to that base"
             )
 
+    def cache_bytes(self) -> int:
+        """Bytes of the selection caches built so far."""
+        return sum(m.nbytes() for m in self._magnitudes.values()) + sum(r.numel() * r.element_size() for r in self._ranks.values())
+
     def resident_bytes(self) -> int:
-        tensors = list(self.base.values()) + [t for d in self.deltas.values() for t in d.values()]
-        derived = sum(m.nbytes() for m in self._magnitudes.values()) + sum(r.numel() * r.element_size() for r in self._ranks.values())
-        return sum(t.numel() * t.element_size() for t in tensors) + derived
+        """Bytes held on the device besides the live model: sources (or staging slots), caches and scratch."""
+        return self.store.device_bytes() + self.cache_bytes() + self.workspace.nbytes()

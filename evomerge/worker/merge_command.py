@@ -16,6 +16,7 @@ from evomerge.io.paths import resolve_model
 from evomerge.io.save import parse_size, prepare_output_dir
 from evomerge.merge.dataflow_recipe import is_dataflow
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.slices import needs_slices
 from evomerge.worker.checkpoint_writer import check_device, write_dataflow_checkpoint, write_ps_checkpoint
 from evomerge.worker.finite import nonfinite_names
 from evomerge.worker.materializer import TORCH_DTYPES, Materializer
@@ -49,6 +50,9 @@ def merge_from_yaml(
     log: Callable[[str], None] = lambda msg: None,
 ) -> MergeResult:
     data = read_yaml(recipe_path, RecipeError, "recipe file")
+    if needs_slices(data):  # slices, passthrough, tokenizer or chat template settings, model@revision
+        return _merge_slices(data, recipe_path, out, device=device, shard_size=shard_size, seed=seed,
+                             allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, force=force, log=log)
     if is_dataflow(data):
         return _merge_dataflow(data, recipe_path, out, device=device, shard_size=shard_size, seed=seed,
                                allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, force=force, log=log)
@@ -93,7 +97,7 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     from transformers import AutoConfig
 
     from evomerge.merge.dataflow_recipe import parse_dataflow, parse_sources
-    from evomerge.worker.folded_export import check_foldable
+    from evomerge.worker.folded_export import check_foldable, mergekit_files
     from evomerge.worker.routed import check_layer_compatible, load_pool, num_layers
 
     where = str(recipe_path)
@@ -121,9 +125,125 @@ def _merge_dataflow(data: dict, recipe_path: Path, out: Path, *, device: str, sh
     if not allow_nonfinite:
         for name, model in models.items():
             _refuse_nonfinite(list(model.state_dict().items()), paths, where, allow_pickle, made_by=f"pool source {name}")
-    write_dataflow_checkpoint(out, models, recipe, paths, dtype=dtype, max_shard_bytes=shard_bytes, force=force)
+    config = next(iter(models.values())).config
+    write_dataflow_checkpoint(out, models, recipe, paths, dtype=dtype, max_shard_bytes=shard_bytes, force=force,
+                              extra_files=mergekit_files(recipe, config.model_type, dtype,
+                                                         getattr(config, "layer_types", None)))
     log(f"wrote a {len(recipe.path)}-layer path through {len(models)} sources")
     return _result(out)
+
+
+def resolve_ref(ref: str, search: list[Path], where: str) -> Path:
+    """A recipe's model reference -> its folder. `repo@revision` (mergekit's form) is looked up in the local
+    Hugging Face cache at that revision (a branch, tag or commit); a local folder has no revisions (mergekit
+    would silently read the folder as it is), so `folder@rev` is refused rather than read unversioned."""
+    if "@" not in ref:
+        return resolve_model(ref, search, where)
+    if ref.count("@") > 1:
+        raise RecipeError(f"{where}: model {ref!r} has more than one '@': write REPO@REVISION")
+    name, rev = ref.split("@")
+    if any((d / name).is_dir() for d in search) or Path(name).expanduser().is_dir():
+        raise RecipeError(f"{where}: model {ref!r}: {name} is a local folder, which has no revisions: remove "
+                          f"'@{rev}' (or check out that revision into the folder)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=rev, local_files_only=True))
+    except Exception:  # noqa: BLE001  (not cached at that revision, or not a repo id: say where it looked)
+        raise RecipeError(f"{where}: model {ref!r}: revision {rev!r} of {name} is not in the local Hugging Face "
+                          f"cache, and evomerge never downloads: fetch it first (hf download {name} --revision "
+                          f"{rev})") from None
+
+
+def _merge_slices(data: dict, recipe_path: Path, out: Path, *, device: str, shard_size: str | int, seed: int,
+                  allow_pickle: bool, allow_nonfinite: bool, force: bool,
+                  log: Callable[[str], None]) -> MergeResult:
+    """A mergekit recipe with slices (or features only the slice engine has): planned tensor by tensor,
+    streamed into a checkpoint with the new layer count (and vocabulary, when a tokenizer is set)."""
+    import tempfile
+
+    import yaml
+    from transformers import AutoConfig
+
+    from evomerge.io.save import save_checkpoint
+    from evomerge.merge.slice_merge import run_jobs
+    from evomerge.merge.slices import ModelInfo, parse_slices, plan
+    from evomerge.worker.checkpoint_writer import MERGEKIT_FILE
+    from evomerge.worker.routed import path_config
+
+    where = str(recipe_path)
+    shard_bytes = parse_size(shard_size)
+    check_device(device)
+    search = [Path.cwd(), recipe_path.resolve().parent]
+    paths: dict[str, Path] = {}
+    checkpoints: dict[str, Checkpoint] = {}
+
+    def checkpoint(ref: str) -> Checkpoint:
+        if ref not in checkpoints:
+            paths[ref] = resolve_ref(ref, search, f"{where}: model")
+            checkpoints[ref] = Checkpoint.open(paths[ref], allow_pickle=allow_pickle)
+        return checkpoints[ref]
+
+    recipe = parse_slices(data, where, lambda ref: checkpoint(ref).num_layers)
+    for ref in recipe.weight_models():
+        checkpoint(ref)
+    for ref in recipe.model_names():  # a tokenizer source may be a folder with a tokenizer only
+        paths.setdefault(ref, resolve_ref(ref, search, f"{where}: tokenizer"))
+    prepare_output_dir(out, force=force)  # fail before any heavy work
+    _refuse_overwrite(out, paths)
+    infos = {m: ModelInfo(tuple(ck.tensors), ck.num_layers) for m, ck in checkpoints.items()}
+    jobs = plan(recipe, infos, where)
+
+    donor = recipe.donor
+    configs = {donor: AutoConfig.from_pretrained(paths[donor])}
+    configs.update({s.source: AutoConfig.from_pretrained(paths[s.source]) for s in recipe.path() if s.source != donor})
+    config = path_config(configs, recipe.path())  # the donor's, with the new layer count; per-layer keys follow
+    out_dtype = TORCH_DTYPES[recipe.output_dtype] if recipe.output_dtype else checkpoints[donor].dtype
+    config.dtype = out_dtype
+    load_dtype = TORCH_DTYPES[recipe.dtype] if recipe.dtype else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_from, vocab = _output_tokenizer(recipe, paths, Path(tmp), where)
+        if vocab is not None:
+            config.vocab_size = vocab.size
+        start = time.perf_counter()
+        tensors = run_jobs(jobs, checkpoints, recipe.method, out_dtype=out_dtype, load_dtype=load_dtype, vocab=vocab,
+                           seed=seed, device=device, allow_nonfinite=allow_nonfinite, where=where)
+        save_checkpoint(out, tensors, config, tokenizer_from=tokenizer_from, generation_config_from=paths[donor],
+                        max_shard_bytes=shard_bytes, force=force,
+                        extra_files={MERGEKIT_FILE: yaml.safe_dump(recipe.to_mergekit(), sort_keys=False)})
+    log(f"merged {len(recipe.slices)} slice(s) with {recipe.method} into {recipe.num_layers} layers in "
+        f"{time.perf_counter() - start:.2f} s")
+    return _result(out)
+
+
+def _output_tokenizer(recipe, paths: dict[str, Path], tmp: Path, where: str):
+    """(folder to copy the output tokenizer from, the output vocabulary or None). A built tokenizer, or the
+    donor's with a chat template, is saved into tmp first."""
+    from evomerge.merge.chat_templates import resolve_chat_template
+    from evomerge.merge.tokenizer_merge import _load, build_vocabulary
+
+    vocab = None
+    if recipe.tokenizer is not None:
+        vocab = build_vocabulary(recipe.tokenizer, recipe.donor, recipe.model_names(), paths, where)
+        tokenizer = vocab.tokenizer
+    elif recipe.chat_template is not None:
+        tokenizer = _load(paths[recipe.donor], f"{where}: model {recipe.donor}")
+    else:
+        return paths[recipe.donor], None
+    if recipe.chat_template is not None:
+        def own(m):
+            try:
+                template = _load(paths[m], where).chat_template
+            except RecipeError:
+                return None
+            return template.get("default") if isinstance(template, dict) else template
+
+        text = resolve_chat_template(recipe.chat_template, (own(m) for m in recipe.model_names()), f"{where}")
+        if text is not None:
+            tokenizer.chat_template = text
+    tokenizer.save_pretrained(tmp)
+    return tmp, vocab
 
 
 def _refuse_nonfinite(tensors, paths: dict[str, Path], where: str, allow_pickle: bool,

@@ -1,8 +1,10 @@
 """A run's source models on one device, loaded once: what a worker's Evaluator and `evomerge export` build from.
 
-One Materializer over base + sources (parameter-space recipes, and the merge part of hybrid ones), and the
-sources' own live models for data-flow routing, each built on first use: a data-flow search holds its sources'
-weights and nothing else (the Materializer's fp32 base and task vectors would cost ~4 + 4K bytes a parameter).
+One SourceStore holds each source's weights once, in the storage dtype and placement the config asks for
+(sources.storage_dtype, sources.placement), read on first use. Two users share it, each built on first use:
+the Materializer over base + sources (parameter-space recipes, and the merge part of hybrid ones), and the
+sources' own live models for data-flow routing, whose parameters are the store's tensors themselves (device
+placement), so a data-flow search holds its sources' weights and nothing else.
 Models are named as recipes name them: by the config's path strings ("references").
 """
 
@@ -14,14 +16,15 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import RecipeError
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.paths import resolve_model
+from evomerge.worker.source_store import SourceStore
 
 
 class SourceModels:
     def __init__(self, config: RunConfig, config_dir: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoConfig
 
-        from evomerge.io.checkpoint import Checkpoint
         from evomerge.worker.routed import num_layers
 
         src = config.sources
@@ -36,7 +39,10 @@ class SourceModels:
         self.base_ref = src.base_model or next(iter(src.models.values()))
         self.layers = {ref: num_layers(AutoConfig.from_pretrained(p)) for ref, p in self.paths.items()}
         self.device = torch.device(device)
-        self.dtype = Checkpoint.open(self.paths[self.base_ref]).dtype  # of every live model, as the Materializer's
+        checkpoints = {ref: Checkpoint.open(p) for ref, p in self.paths.items()}
+        self.store = SourceStore(checkpoints, device=self.device, dtype=src.storage_dtype, placement=src.placement)
+        self.dtype = self.store.dtype  # of every live model: routed paths mix their layers
+        self.selection_cache = {"auto": None, "on": True, "off": False}[src.selection_cache]
         self._materializer = None
         self._live: dict[str, torch.nn.Module] = {}
 
@@ -46,7 +52,11 @@ class SourceModels:
         if self._materializer is None:
             from evomerge.worker.materializer import Materializer
 
-            self._materializer = Materializer(self.paths, self.base_ref, device=self.device)
+            # the compiled combine kernel pays off on accelerators; on CPU each worker would spend seconds
+            # compiling it for a kernel no faster than the eager ops there (bench/bench_memory.py)
+            self._materializer = Materializer(self.paths, self.base_ref, device=self.device, model_dtype=self.dtype,
+                                              store=self.store, selection_cache=self.selection_cache,
+                                              fused=self.device.type != "cpu")
         return self._materializer
 
     @property
@@ -66,11 +76,33 @@ class SourceModels:
         return dict(self._live)
 
     def model(self, ref: str) -> torch.nn.Module:
-        """A source's own live model, loaded on first use."""
+        """A source's own live model, built on first use around the store's tensors (no second copy where
+        the store holds them on the device)."""
         if ref not in self._live:
-            from evomerge.worker.routed import load_models
-
             if ref not in self.paths:
                 raise RecipeError(f"model {ref!r} is not one of this run's sources ({', '.join(self.paths)})")
-            self._live[ref] = load_models({ref: self.paths[ref]}, device=self.device, dtype=self.dtype)[ref]
+            self._live[ref] = model_around(self.paths[ref], self.store.tensors(ref), self.device, self.dtype)
         return self._live[ref]
+
+
+def model_around(path: Path, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The transformers model of checkpoint `path` whose parameters are `tensors` (moved to `device` where
+    they are not there yet). Built with skipped initialization, then its parameters are swapped for the
+    tensors: the freshly allocated ones are freed at once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evomerge.worker.materializer import skip_weight_init
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device(device), skip_weight_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {n: t.to(device) for n, t in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied head shares the embedding it was not saved apart from
+    tied = {n for n, t in model.state_dict().items() if any(t.data_ptr() == s.data_ptr() for s in state.values())}
+    untied = [n for n in missing if n not in tied]
+    if unexpected or untied:
+        name = (unexpected or untied)[0]
+        raise RecipeError(f"{path}: tensor {name} has no counterpart in {type(model).__name__} as built by this "
+                          "transformers version" if unexpected else f"{path}: the checkpoint lacks tensor {name}")
+    return model.eval()

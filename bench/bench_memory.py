@@ -1,0 +1,260 @@
+"""Benchmark: what a worker holds and how fast it writes a candidate, per storage dtype, placement and selection
+cache, against today's float32-resident materializer (commit 1e4064d, loaded from git), the memory plan, the
+bandwidth bound and mergekit.
+
+    .venv/bin/python bench/bench_memory.py [--size 100M] [--k 2,3] [--repeats 3] [--methods linear,ties,...]
+                                           [--fused] [--no-mergekit] [--no-legacy]
+
+A random Llama family stored in bf16 (base + 3 fine-tunes) is built once under bench/out/families/. Every mode
+runs in its own process, so its peak RSS is its own: the Materializer is built, each method is materialized
+once (warm-up: caches, compilation) and then --repeats times (median). Reported per mode:
+- device B/param: bytes the worker holds on its device (sources or staging slots, caches, scratch, live model)
+  per parameter, measured from the tensors themselves; plan B/param: evomerge.search.memory_plan's estimate of
+  the same components, and their ratio;
+- peak RSS B/param: the process's peak resident memory (everything: torch, the checkpoints read, the model);
+- ms per method (eager; fused with --fused), its ratio to the legacy fp32 path's, and to the bound: the bytes
+  the mode must move (read K+1 sources in the storage dtype, write the model) over the measured copy bandwidth;
+- mergekit ms (run_merge on the same YAML, in bench/.mergekit-venv) for the same method and K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from bench_materialize import SIZES, copy_bandwidth
+from benchlib import OUT, run_mergekit, write_yaml
+
+from evomerge.testing.tiny import Family, make_family
+
+LEGACY_COMMIT = "1e4064d"  # the last commit whose Materializer held fp32 base + task vectors
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
+WEIGHTS, DENSITIES = (0.5, 0.3, 0.2), (0.5, 0.6, 0.7)
+# (storage dtype, placement, selection cache); auto = the checkpoint's (bf16)
+MODES = [("auto", "device", "on"), ("auto", "device", "off"), ("auto", "host", "off"), ("float32", "device", "on"),
+         ("auto", "host", "on")]
+
+
+def family(size: str) -> Family:
+    root = OUT / "families" / f"{size}-bf16"
+    marker = root / "family.json"
+    key = {"spec": asdict(SIZES[size]), "n_sources": 3, "dtype": "bfloat16"}
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        return Family(base=root / "base", sources=[root / f"source_{i}" for i in range(3)])
+    marker.unlink(missing_ok=True)
+    fam = make_family(root, SIZES[size], n_sources=3, seed=0, dtype=torch.bfloat16)
+    marker.write_text(json.dumps(key))
+    return fam
+
+
+def recipe(method: str, fam: Family, k: int) -> dict:
+    params = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
+              "dare_ties": ("weight", "density"), "breadcrumbs_ties": ("weight", "density"),
+              "della": ("weight", "density")}[method]
+    models = [{"model": str(s), "parameters": {p: (WEIGHTS if p == "weight" else DENSITIES)[i] for p in params}}
+              for i, s in enumerate(fam.sources[:k])]
+    doc = {"merge_method": method, "models": models, "dtype": "bfloat16"}
+    if method != "linear":
+        doc["base_model"] = str(fam.base)
+    if method == "della":
+        doc["parameters"] = {"epsilon": 0.1}
+    return doc
+
+
+# -- one mode, in its own process ------------------------------------------------------------------------------
+def child(spec: dict) -> dict:
+    from evomerge.merge.recipe import Recipe
+
+    fam = Family(base=Path(spec["base"]), sources=[Path(s) for s in spec["sources"]])
+    k, device = spec["k"], torch.device("cpu")
+    paths = {str(p): p for p in [fam.base, *fam.sources[:k]]}
+    t = time.perf_counter()
+    if spec["mode"] == "legacy":
+        sys.path.insert(0, str(OUT))
+        from legacy_materializer import Materializer as Legacy
+
+        m = Legacy(paths, str(fam.base), device=device, fused=spec["fused"])
+    else:
+        from evomerge.worker.materializer import Materializer
+
+        dtype, placement, cache = spec["mode"]
+        m = Materializer(paths, str(fam.base), device=device, fused=spec["fused"], storage_dtype=dtype,
+                         placement=placement, selection_cache=cache == "on")
+    load_s = time.perf_counter() - t
+    model = m.model
+    params = sum(p.numel() for p in model.parameters())
+    times, first = {}, {}
+    for method in spec["methods"]:
+        r = Recipe.from_mergekit(recipe(method, fam, k), where=method)
+        t = time.perf_counter()
+        m.materialize(r)
+        first[method] = time.perf_counter() - t
+        runs = []
+        for _ in range(spec["repeats"]):
+            t = time.perf_counter()
+            m.materialize(r)
+            runs.append(time.perf_counter() - t)
+        times[method] = statistics.median(runs)
+    live = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # legacy resident_bytes: fp32 base + task vectors + caches; both leave scratch and the live model apart
+    held = m.resident_bytes() if spec["mode"] == "legacy" else m.store.device_bytes() + m.cache_bytes()
+    scratch = m.workspace.nbytes()
+    return {"params": params, "load_s": load_s, "first_s": first, "times_s": times, "device_bytes": held + scratch + live,
+            "scratch_bytes": scratch, "peak_rss": peak_rss()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        sys.exit(f"mode {spec['mode']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the plan's estimate of the same components ----------------------------------------------------------------
+def planned(fam: Family, k: int, mode, methods: list[str], fused: bool) -> int:
+    """The plan's device bytes for a GPU worker in this mode, with the scratch of the kernel measured: the plan
+    gives GPU workers the fused kernel's scratch, and this bench measures on the CPU, eager unless --fused."""
+    from evomerge.config import RunConfig
+    from evomerge.search.capacity import Workers
+    from evomerge.search.memory_plan import Setting, estimate, live_dtype, read_workload, scratch_fp32_tensors
+
+    config = RunConfig.model_validate({
+        "name": "bench", "sources": {"models": {f"m{i}": str(s) for i, s in enumerate(fam.sources[:k])},
+                                     "base_model": str(fam.base)},
+        "search_space": {"preset": "ps_ties_dare", "ps": {"methods": methods}},
+        "fitness": {"calibration": "unused.json"}, "objectives": [{"task": "t"}]})
+    w = read_workload(config, OUT, "bench")
+    gpu = Workers(gpu=True, per_node=1, gpus_each=1.0, device_free=None, host_available=None, source="bench")
+    dtype, placement, cache = mode
+    setting = Setting(placement, dtype, cache == "on")
+    e = estimate(w, setting, gpu)
+    counted = {"sources", "live model", "staging", "selection caches"}
+    scratch = scratch_fp32_tensors(w.k, w.methods, setting.selection_cache, setting.resolved(w),
+                                   live_dtype(w, setting), fused) * w.reference.largest[1] * 4
+    return scratch + sum(b for name, b, where in e.parts if name in counted and where == "device")
+
+
+def legacy_module() -> None:
+    source = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:evomerge/worker/materializer.py"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).parent).stdout
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "legacy_materializer.py").write_text(source)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="100M", choices=sorted(SIZES))
+    ap.add_argument("--k", default="2,3")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--fused", action="store_true", help="also time the compiled combine kernel")
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-legacy", action="store_true")
+    ap.add_argument("--modes", type=int, default=len(MODES), help="run only the first N modes (after legacy)")
+    ap.add_argument("--child")
+    ap.add_argument("--report", action="store_true", help="print the tables of the last (possibly partial) run")
+    args = ap.parse_args()
+    if args.report:
+        saved = json.loads((OUT / "bench_memory.json").read_text())
+        fam = family(saved.get("size", args.size))
+        for r in saved["rows"]:
+            r["mode"] = r["mode"] if r["mode"] == "legacy" else tuple(r["mode"])
+            if r["mode"] != "legacy":  # the plan as the code plans it now (headers only: cheap)
+                r["plan_bytes"] = planned(fam, r["k"], r["mode"], saved.get("methods", args.methods.split(",")),
+                                          r["fused"])
+        print_tables(saved["rows"], list(saved["rows"][0]["times_s"]), saved["bandwidth"])
+        return
+    if args.child:
+        spec = json.loads(args.child)
+        spec["mode"] = spec["mode"] if spec["mode"] == "legacy" else tuple(spec["mode"])
+        print(json.dumps(child(spec)))
+        return
+
+    fam, methods = family(args.size), args.methods.split(",")
+    bandwidth = copy_bandwidth(torch.device("cpu"))
+    if not args.no_legacy:
+        legacy_module()
+    rows = []
+    for k in (int(x) for x in args.k.split(",")):
+        modes = (["legacy"] if not args.no_legacy else []) + MODES[: args.modes]
+        kernels = [False, True] if args.fused else [False]
+        for mode in modes:
+            for fused in kernels:
+                spec = {"base": str(fam.base), "sources": [str(s) for s in fam.sources], "k": k, "mode": mode,
+                        "fused": fused, "methods": methods, "repeats": args.repeats}
+                res = run_child(spec)
+                rows.append({"k": k, "mode": mode, "fused": fused, **res,
+                             "plan_bytes": None if mode == "legacy" else planned(fam, k, mode, methods, fused)})
+                save(rows, bandwidth, args.size, methods)  # after every mode: an interrupted run keeps what it measured (--report)
+                print(f"k={k} {mode} {'fused' if fused else 'eager'}: done", file=sys.stderr, flush=True)
+        if not args.no_mergekit:
+            jobs = [{"name": m, "yaml": str(write_yaml(OUT / "recipes" / "memory" / f"{m}-k{k}.yaml",
+                                                       recipe(m, fam, k)))} for m in methods]
+            result = run_mergekit(jobs, repeats=args.repeats, warmup=1)
+            mk = {name: statistics.median(j["times_s"]) for name, j in result["jobs"].items() if j.get("times_s")}
+            for r in rows:
+                if r["k"] == k:
+                    r["mergekit_s"] = mk
+    save(rows, bandwidth, args.size, methods)
+    print_tables(rows, methods, bandwidth)
+
+
+def save(rows: list[dict], bandwidth: float, size: str, methods: list[str]) -> None:
+    doc = {"size": size, "methods": methods, "bandwidth": bandwidth, "rows": rows}
+    (OUT / "bench_memory.json").write_text(json.dumps(doc, indent=1))
+
+
+def _mode_name(mode) -> str:
+    return "legacy fp32" if mode == "legacy" else f"{mode[0]}/{mode[1]}/cache {mode[2]}"
+
+
+def _moved(row: dict) -> int:
+    """Minimal traffic of one candidate: read K+1 sources in the storage dtype, write the live model (bf16)."""
+    s = 4 if row["mode"] == "legacy" or row["mode"][0] == "float32" else 2
+    return row["params"] * ((row["k"] + 1) * s + 2)
+
+
+def print_tables(rows: list[dict], methods: list[str], bandwidth: float) -> None:
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.2f} GB/s; times: median ms after one warm-up call\n")
+    print("| K | mode | kernel | device B/param | plan B/param | plan/measured | peak RSS B/param | load s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["params"]
+        plan = f"{r['plan_bytes'] / p:.2f}" if r["plan_bytes"] else "-"
+        ratio = f"{r['plan_bytes'] / r['device_bytes']:.2f}" if r["plan_bytes"] else "-"
+        print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | "
+              f"{r['device_bytes'] / p:.2f} | {plan} | {ratio} | {r['peak_rss'] / p:.2f} | {r['load_s']:.1f} |")
+    print("\n| K | mode | kernel | " + " | ".join(f"{m} ms (x legacy, x bound, x mergekit)" for m in methods) + " |")
+    print("|---|---|---|" + "---|" * len(methods))
+    for r in rows:
+        legacy = next((x for x in rows if x["k"] == r["k"] and x["mode"] == "legacy" and x["fused"] == r["fused"]), None)
+        bound = _moved(r) / bandwidth
+        cells = []
+        for m in methods:
+            t = r["times_s"][m]
+            vs = f"{t / legacy['times_s'][m]:.2f}" if legacy else "-"
+            mk = r.get("mergekit_s", {}).get(m)
+            cells.append(f"{t * 1e3:.0f} ({vs}, {t / bound:.1f}, {mk / t:.1f})" if mk else
+                         f"{t * 1e3:.0f} ({vs}, {t / bound:.1f}, -)")
+        print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

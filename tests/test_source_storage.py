@@ -1,0 +1,129 @@
+"""Sources held in their storage dtype, on the device or the host, with or without selection caches: the merged
+weights are the same bits in every mode, for every parameter-space method, and equal to the reference merge of
+the raw tensors (task vectors formed in float32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.merge.fused import out_of_memory
+from evomerge.merge.methods import merge_tensors
+from evomerge.merge.recipe import Recipe, layer_position
+from evomerge.merge.specs import METHODS, TENSOR
+from evomerge.seeds import derive_seed
+from evomerge.worker.materializer import Materializer
+from evomerge.worker.source_store import SourceStore
+from evomerge.worker.sources import model_around
+
+TENSOR_METHODS = sorted(n for n in METHODS if METHODS[n].kind == TENSOR)
+# (storage dtype, placement, selection cache) besides the reference (auto, device, cache on)
+MODES = [("float32", "device", True), ("auto", "host", True), ("auto", "device", False), ("float32", "host", False)]
+
+
+def _value(p, i: int):
+    """A valid value of parameter p for the i-th model: inside its bounds and away from them."""
+    if p.is_bool:
+        return bool(p.default)
+    if p.name == "weight":
+        return (0.6, 0.4)[i]
+    if p.name == "density":
+        return (0.5, 0.7)[i]
+    lo, hi = p.low if p.low is not None else 0.0, p.high if p.high is not None else 1.0
+    if p.default is not None and lo < p.default < hi:
+        return p.default
+    return lo + (hi - lo) * (0.3, 0.4)[i]
+
+
+def _recipe(method: str) -> Recipe:
+    spec = METHODS[method]
+    models = ["s0", "s1"][: spec.max_models or 2]
+    per_model = {m: {p.name: _value(p, i) for p in spec.params if p.per_model} for i, m in enumerate(models)}
+    shared = {p.name: _value(p, 0) for p in spec.params if not p.per_model}
+    return Recipe.build(method, per_model, base_model="base" if spec.needs_base else None, parameters=shared)
+
+
+def _sources(fam):
+    return {"base": fam.base, **{f"s{i}": p for i, p in enumerate(fam.sources[:2])}}
+
+
+@pytest.mark.parametrize("method", TENSOR_METHODS)
+def test_every_mode_writes_the_same_bits_for_every_method(qwen2_bf16, method):
+    recipe = _recipe(method)
+    reference = Materializer(_sources(qwen2_bf16), "base", selection_cache=True).merged_state_dict(recipe, seed=3)
+    for dtype, placement, cache in MODES:
+        m = Materializer(_sources(qwen2_bf16), "base", storage_dtype=dtype, placement=placement, selection_cache=cache)
+        merged = m.merged_state_dict(recipe, seed=3)
+        for name, t in reference.items():
+            assert torch.equal(merged[name], t), (method, dtype, placement, cache, name)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della", "slerp", "linear"])
+def test_bf16_sources_merge_to_the_reference_of_the_raw_tensors(qwen2_bf16, method):
+    """The bf16 sources are never widened in memory, yet the result is that of float32 task vectors."""
+    recipe = _recipe(method)
+    m = Materializer(_sources(qwen2_bf16), "base", placement="host", selection_cache=False)
+    assert m.store.dtype == torch.bfloat16
+    merged = m.merged_state_dict(recipe, seed=3)
+    cks = {k: Checkpoint.open(v) for k, v in _sources(qwen2_bf16).items()}
+    inputs = [e.model for e in recipe.inputs()]
+    for name in cks["base"].tensors:
+        if not cks["base"].tensors[name].dtype.is_floating_point:
+            continue
+        kw = recipe.resolve(name, layer_position(name, cks["base"].num_layers))
+        if METHODS[method].random:
+            kw["seed"] = derive_seed(3, name)
+        fn_args = {k: v for k, v in kw.items()}
+        ref = merge_tensors(method, [cks[x].load(name) for x in inputs], base=cks["base"].load(name), **fn_args)
+        assert torch.equal(merged[name], ref.to(torch.bfloat16)), name
+
+
+def test_sources_are_held_in_the_storage_dtype_and_host_placement_keeps_them_off_the_device(qwen2_bf16, llama):
+    bf16 = Materializer(_sources(qwen2_bf16), "base")
+    bf16.merged_state_dict(_recipe("ties"))
+    stored = sum(t.nbytes for p in _sources(qwen2_bf16).values() for t in Checkpoint.open(p).tensors.values())
+    assert bf16.store.held_bytes() == stored  # 2 bytes a parameter: no fp32 copies of base or task vectors
+    widened = Materializer(_sources(llama), "base", storage_dtype="bfloat16")
+    assert all(t.dtype == torch.bfloat16 for t in widened.store.tensors("base").values() if t.dtype.is_floating_point)
+    host = Materializer(_sources(qwen2_bf16), "base", placement="host")
+    host.merged_state_dict(_recipe("ties"))
+    largest = max(math.prod(t.shape) for t in Checkpoint.open(qwen2_bf16.base).tensors.values())
+    # on the device: two staging slots of the largest tensor per source, not the sources
+    assert host.store.device_bytes() == 2 * 3 * largest * 2
+
+
+def test_caches_are_built_only_where_on(llama):
+    on = Materializer(_sources(llama), "base", selection_cache=True)
+    off = Materializer(_sources(llama), "base", selection_cache=False)
+    for m in (on, off):
+        m.merged_state_dict(_recipe("ties"))
+    assert on.cache_bytes() > 0 and off.cache_bytes() == 0
+    assert Materializer(_sources(llama), "base").selection_cache  # CPU default: on
+
+
+def test_a_source_model_is_built_around_the_stores_tensors(llama):
+    from transformers import AutoModelForCausalLM
+
+    store = SourceStore({"a": Checkpoint.open(llama.sources[0])})
+    model = model_around(llama.sources[0], store.tensors("a"), torch.device("cpu"), store.dtype)
+    held = {t.data_ptr() for t in store.tensors("a").values()}
+    assert all(p.data_ptr() in held for p in model.parameters())  # no second copy of the weights
+    ids = torch.tensor([[1, 5, 9, 2]])
+    loaded = AutoModelForCausalLM.from_pretrained(llama.sources[0]).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_out_of_memory_is_recognized_however_it_is_wrapped():
+    try:
+        torch.empty(1 << 50)  # a real allocation failure of the CPU allocator
+    except RuntimeError as e:
+        failure = e
+    assert out_of_memory(failure)
+    wrapped = RuntimeError("compiled kernel failed")
+    wrapped.__cause__ = failure
+    assert out_of_memory(wrapped)
+    assert not out_of_memory(RuntimeError("InductorError: C++ compile error"))

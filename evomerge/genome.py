@@ -191,6 +191,9 @@ class SearchSpace(_Frozen):
     ps: PSGenes | None = Field(None, description="parameter-space genes (kind ps and hybrid)")
     dfs: DFSGenes | None = Field(None, description="data-flow genes (kind dfs and hybrid)")
     merge_name: str = Field("ps_merge", description="hybrid: the pool name of the parameter-space merge")
+    seeds: tuple[tuple[float, ...], ...] = Field(
+        (), description="genomes the initial population starts with, before the space's own seeds; in a hybrid a "
+        "parameter-space genome (e.g. a ps run's front member) gets the merge's identity path")
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -205,6 +208,15 @@ class SearchSpace(_Frozen):
                     raise ValueError(f"two sources are named {name!r}: give them names with a mapping {{name: path}}")
                 out[name] = s
             return out
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, v: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+        for i, x in enumerate(v):
+            bad = [j for j, value in enumerate(x) if not 0.0 <= value <= 1.0]  # NaN fails both comparisons
+            if bad:
+                raise ValueError(f"seeds[{i}]: genome values lie in [0, 1]; gene {bad[0]} is {x[bad[0]]!r}")
         return v
 
     @field_validator("sources")
@@ -287,14 +299,16 @@ class SearchSpace(_Frozen):
         ps: every method with all weights and densities mid-range (and merge-wide genes mid-range, which is
         where the preset ranges are centred), then each source alone (weight at the top, the others at the
         bottom) with the first method that reads weights. dfs: model A's own layers in order with scales 1.
-        hybrid: each ps seed with the identity path of model A and with the identity path of the merge."""
+        hybrid: each ps seed with the identity path of model A and with the identity path of the merge.
+        The configured `seeds` come first."""
         layout = self.layout(layer_counts)
         seeds = self._ps_seeds(layout) if self.ps is not None else [np.full(len(layout), 0.5)]
         if self.dfs is not None:
             counts = self._pool_counts(layer_counts)
             firsts = [next(iter(self.sources))] + ([self.merge_name] if self.kind == "hybrid" else [])
             seeds = [self._with_identity_path(x, layout, first, counts[first]) for x in seeds for first in firsts]
-        return np.array(seeds, dtype=float)
+        given = [self._given_seed(i, layout, layer_counts) for i in range(len(self.seeds))]
+        return np.array(given + seeds, dtype=float)
 
     # -- internals -------------------------------------------------------------------------------------
     def _ps_layers(self, layer_counts: Mapping[str, int] | None) -> int | None:
@@ -434,6 +448,20 @@ class SearchSpace(_Frozen):
         else:
             return []
         return values.tolist()
+
+    def _given_seed(self, i: int, layout: GeneLayout, layer_counts: Mapping[str, int] | None) -> np.ndarray:
+        """seeds[i] as a whole genome: as given, or (hybrid) a ps genome completed with the merge's identity path."""
+        x = np.asarray(self.seeds[i], dtype=float)
+        n_ps = layout.block("ps").stop
+        if len(x) == len(layout):
+            return x
+        if self.kind == "hybrid" and len(x) == n_ps:
+            merge_layers = self._pool_counts(layer_counts)[self.merge_name]
+            return self._with_identity_path(np.concatenate([x, np.zeros(len(layout) - n_ps)]), layout,
+                                            self.merge_name, merge_layers)
+        either = f" (or {n_ps}, a parameter-space genome)" if self.kind == "hybrid" else ""
+        raise SearchSpaceError(f"search_space.seeds[{i}] has {len(x)} genes, this space has {len(layout)}{either}: "
+                               "seed with genomes of this space (a run's ledger holds them)")
 
     def _with_identity_path(self, x: np.ndarray, layout: GeneLayout, first: str, n_layers: int) -> np.ndarray:
         """x with DFS genes of `first`'s own layers in order (first repeat), every scale 1 (or the nearest in range)."""

@@ -114,5 +114,25 @@ def test_evomerge_demo_on_the_tiny_smollm2_kit(tiny_base, tmp_path, capsys):
     rows = json.loads((tmp_path / "run" / demo.TABLE_FILE).read_text())
     assert [r["kind"] for r in rows[:4]] == ["specialist"] * 2 + ["hand"] * 2 and rows[4]["kind"] == "front"
     assert all(set(r["test"]) == set(demo.TEST_TASKS) for r in rows)
+    _check_the_hybrid_search_starts_from_the_front(tmp_path / "run", out)
     assert main(argv) == 0  # finished: read back from disk, the same table
     assert capsys.readouterr().out.split("demo done in")[0] == out.split("demo done in")[0]
+
+
+def _check_the_hybrid_search_starts_from_the_front(run_dir, out):
+    """The hybrid run is seeded with the ps front's genomes, and each seed, a path through its merge's own layers,
+    scores exactly as that merge did in the ps search."""
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.session import open_run, status
+
+    assert "hybrid search:" in out
+    ps_run, ps_prepared = open_run(run_dir)
+    front = status(ps_run, ps_prepared)["front"]
+    hybrid, prepared = open_run(run_dir / "hybrid")
+    with RunDir.open(run_dir).open_ledger() as ledger:
+        ps_records = [ledger.get(f["id"]) for f in front]
+    assert [list(x) for x in prepared.space.seeds] == [list(r.genome) for r in ps_records]
+    with hybrid.open_ledger() as ledger:
+        seeded = sorted((r for r in ledger.all("ok") if r.generation == 0), key=lambda r: r.index)[:len(front)]
+    assert [r.objectives for r in seeded] == [r.objectives for r in ps_records]
+    assert all({step[0] for step in r.recipe["path"]} == {"ps_merge"} for r in seeded)

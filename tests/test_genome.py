@@ -285,6 +285,29 @@ def test_hybrid_merge_joins_the_pool():
     assert "slot8/ps_merge.0/r0" in names
 
 
+def test_a_ps_genome_seeds_a_hybrid_as_that_merge_alone():
+    ps = load({"preset": "hybrid"}).ps
+    ps_only = SearchSpace.model_validate({"kind": "ps", "sources": SOURCES, "base_model": BASE,
+                                          "ps": ps.model_dump()})
+    x_ps = np.random.default_rng(3).random(ps_only.dim(COUNTS))
+    hybrid = load({"preset": "hybrid", "dfs": {"pin_ends": False}, "seeds": [x_ps.tolist()]})
+    seeds = hybrid.initial(COUNTS)
+    assert len(seeds) == 1 + len(load("hybrid").initial(COUNTS))  # the given seed first, then the space's own
+    doc = hybrid.decode(seeds[0], COUNTS)
+    assert doc["path"] == [["ps_merge", i] for i in range(4)]  # the merge's own layers, scale 1
+    assert doc["sources"][-1] == {"name": "ps_merge", "merge": ps_only.decode(x_ps, COUNTS)}  # the same merge
+    whole = seeds[0].tolist()
+    assert np.array_equal(load({"preset": "hybrid", "seeds": [whole]}).initial(COUNTS)[0], whole)  # kept as given
+
+
+def test_seeds_of_the_wrong_size_or_range_are_refused_naming_the_seed():
+    with pytest.raises(SearchSpaceError, match=r"search_space.seeds\[1\] has 3 genes, this space has \d+ \(or \d+, a "
+                       "parameter-space genome\)"):
+        load({"preset": "hybrid", "seeds": [load("hybrid").initial(COUNTS)[0].tolist(), [0.5] * 3]}).initial(COUNTS)
+    with pytest.raises(SearchSpaceError, match=r"seeds.*seeds\[0\]: genome values lie in \[0, 1\]; gene 1 is 1.5"):
+        load({"preset": "dfs_paths", "seeds": [[0.5, 1.5]]})
+
+
 def test_invalid_genomes_raise_genome_error():
     space = dfs_space(repeats=1, pin_ends=False, scales={"form": "none"}, max_layers=3)
     good = np.zeros(8)

@@ -1,6 +1,7 @@
 """`evomerge demo`'s sequence of stages (the stages themselves are in search_demo.py):
 
     check the checkout -> kit -> calibration -> open the run -> search and hand recipes (unless finished)
+    -> the hybrid search seeded with its front (where the kit has one; unless finished)
     -> export the front models not exported yet -> the held-out table (kept, or scored now) -> summary
 
 The caller supplies the display (a `DemoUI`: log lines and progress) and the worker pool (`make_pool`), so
@@ -63,6 +64,7 @@ class DemoInputs:
     run_config: Path = stages.DEMO_CONFIG
     calibrate_config: Path = stages.CALIBRATE_CONFIG
     tasks_dir: Path = stages.TASKS_DIR
+    hybrid: stages.HybridStage | None = None  # the second search (None: the parameter-space search only)
 
 
 @dataclass(frozen=True)
@@ -96,14 +98,17 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
     else:
         hand = _search_and_hand_recipes(run, prepared, make_pool, ui)
     front = status(run, prepared)["front"]
+    hybrid = _hybrid_search(run, prepared, front, inputs.hybrid, make_pool, ui) if inputs.hybrid else ([], None)
     with ui.counting("exporting the front", "models") as progress:
         exported = _export_front(run.path, front, ui.log, progress)
-    rows = stages.cached_table(run.path, front)
+        if hybrid[1] is not None:
+            exported.update(_export_front(hybrid[1], hybrid[0], ui.log, progress))
+    rows = stages.cached_table(run.path, front, hybrid[0])
     if rows is None:
         with ui.waiting("scoring on the held-out test splits") as progress:
             rows = stages.held_out_table(prepared, run.path, hand, front, exported, ui.log, inputs.tasks_dir,
-                                         progress or _ignore)
-    return DemoResult(run.path, rows, stages.summary(rows))
+                                         progress or _ignore, hybrid[0])
+    return DemoResult(run.path, rows, stages.summary(rows, hybrid_searched=inputs.hybrid is not None))
 
 
 def _build_kit(inputs: DemoInputs, log, progress: Progress) -> None:
@@ -117,10 +122,32 @@ def _build_kit(inputs: DemoInputs, log, progress: Progress) -> None:
 
 
 def _finished(run: RunDir, prepared: Prepared) -> bool:
+    return _searched(run, prepared) and (run.path / stages.HAND_FILE).is_file()
+
+
+def _searched(run: RunDir, prepared: Prepared) -> bool:
     from evomerge.search.session import status
 
     state = status(run, prepared)
-    return state["generation"] >= state["generations"] and (run.path / stages.HAND_FILE).is_file()
+    return state["generation"] >= state["generations"]
+
+
+def _hybrid_search(ps_run: RunDir, ps_prepared: Prepared, front: list[dict], stage: stages.HybridStage,
+                   make_pool, ui: DemoUI) -> tuple[list[dict], Path]:
+    """(its new front members, its run directory): the hybrid search seeded with the ps front, run to its
+    budget on workers of its own (resumed if interrupted)."""
+    from evomerge.search.session import drive, status
+
+    run, prepared = stages.open_hybrid_run(ps_run.path, ps_prepared, front, stage)
+    if not _searched(run, prepared):
+        ui.log(f"hybrid search: {len(prepared.space.seeds)} front merges seed paths through both specialists' "
+               f"and their own layers; run directory {run.path}")
+        with closing(make_pool(prepared)) as pool:
+            with ui.searching(stage.generations, prepared.config.algorithm.pop_size) as (on_generation, on_result):
+                drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
+    new = stages.new_front(run, prepared, status(run, prepared)["front"])
+    ui.log(f"hybrid search: {len(new)} new front model(s) beside the parameter-space front's own merges")
+    return new, run.path
 
 
 def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: DemoUI) -> dict:

@@ -68,6 +68,63 @@ def open_demo_run(run_dir: Path, config_path: Path = DEMO_CONFIG):
     return create_run(config_path, run_dir)
 
 
+HYBRID_DIR, HYBRID_CONFIG = "hybrid", "hybrid.yaml"  # the hybrid search's run and its config, in the demo run
+
+
+@dataclass(frozen=True)
+class HybridStage:
+    """The demo's second search: the parameter-space front joins a layer pool with both specialists, and
+    NSGA-II searches paths through it (which layer of which model runs, in what order, scaled how), starting
+    from the front merges themselves (each as its own layers in order), as evolutionary model merging does
+    data-flow search on top of a parameter-space merge."""
+
+    pop_size: int  # raised to the front's size where that is larger
+    generations: int
+    scales: tuple[float, float] = (0.5, 1.5)
+
+
+def open_hybrid_run(ps_run_dir: Path, prepared, front: list[dict], stage: HybridStage):
+    """(run, prepared) of the hybrid search in PS_RUN/hybrid/, created once from the ps run's config with its
+    front's genomes as the first seeds (kept in the hybrid run's config, so a resumed run replays the same
+    search whatever the ps run holds later)."""
+    import yaml
+
+    from evomerge.search.rundir import write_atomic
+    from evomerge.search.session import create_run, open_run
+
+    run_dir = ps_run_dir / HYBRID_DIR
+    if (run_dir / "config.yaml").is_file():
+        return open_run(run_dir)
+    doc = prepared.config.model_dump(mode="json")  # a run snapshot: every path already absolute
+    doc.update(name=f"{doc['name']}-hybrid", run_dir=None,
+               # the whole front seeds the first generation
+               algorithm={**doc["algorithm"], "pop_size": max(stage.pop_size, len(front)),
+                          "generations": stage.generations},
+               search_space={"preset": "hybrid", "ps": prepared.space.ps.model_dump(mode="json"),
+                             "seeds": _genomes(ps_run_dir, [f["id"] for f in front]),
+                             # no pinned ends: a seed's path is the front merge's own layers, the merge alone
+                             "dfs": {"repeats": 1, "pin_ends": False,
+                                     "scales": {"form": "per_layer", "range": list(stage.scales)}}})
+    config_path = ps_run_dir / HYBRID_CONFIG
+    write_atomic(config_path, yaml.safe_dump(doc, sort_keys=False).encode())
+    return create_run(config_path, run_dir)
+
+
+def new_front(run, prepared, front: list[dict]) -> list[dict]:
+    """The hybrid front members that are not one of its given seeds (those are the ps front's own merges)."""
+    space = prepared.space
+    seeds = {tuple(x) for x in space.initial(prepared.layer_counts)[:len(space.seeds)].tolist()}
+    genomes = _genomes(run.path, [f["id"] for f in front])
+    return [f for f, x in zip(front, genomes) if tuple(x) not in seeds]
+
+
+def _genomes(run_dir: Path, ids: list[str]) -> list[list[float]]:
+    from evomerge.search.rundir import RunDir
+
+    with RunDir.open(run_dir).open_ledger() as ledger:
+        return [list(ledger.get(key).genome) for key in ids]
+
+
 @dataclass(frozen=True)
 class Scored:
     """A model of the table: its search-split estimates (as the search sees it) and held-out test accuracy."""
@@ -132,10 +189,11 @@ def best_hand(scored: Mapping[str, Mapping[str, float]], method: str) -> str:
 
 def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, float]], front: list[dict],
                    exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR,
-                   progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> list[Scored]:
-    """Score the specialists, the best hand recipes and the exported front models on every test item, and the
-    hand recipes and front on every search item too (`Scored.rescored`); `progress(done, total, name)` counts
-    the models (name: the one under way)."""
+                   progress: Callable[[int, int, str], None] = lambda done, total, name: None,
+                   hybrid: list[dict] = ()) -> list[Scored]:
+    """Score the specialists, the best hand recipes and the exported front models (ps `front`, then the new
+    members of the `hybrid` search's front) on every test item, and all but the specialists on every search
+    item too (`Scored.rescored`); `progress(done, total, name)` counts the models (name: the one under way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -165,7 +223,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
         return {t: float(scores[t].value) for t in SEARCHED}
 
     rows: list[Scored] = []
-    total = len(sources) + 2 + len(front)  # the specialists, the best hand recipe of each method, the front
+    total = len(sources) + 2 + len(front) + len(hybrid)  # specialists, best hand recipe per method, the fronts
 
     def starting(message: str, name: str) -> None:
         log(message)
@@ -181,33 +239,34 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
         starting(f"test split: best {method} ({name})", name)
         model = materializer.materialize(Recipe.from_mergekit(recipes[name], name), seed=config.seed)
         rows.append(Scored(name, "hand", dict(hand[name]), test(model), rescore(model)))
-    for item in front:
-        starting(f"test split: front model {item['id']}", item["id"])
-        model = AutoModelForCausalLM.from_pretrained(exported[item["id"]]).eval()
-        estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
-        rows.append(Scored(item["id"], "front", estimated, test(model), rescore(model)))
+    for kind, items in (("front", front), ("hybrid", hybrid)):
+        for item in items:
+            starting(f"test split: {kind} model {item['id']}", item["id"])
+            model = AutoModelForCausalLM.from_pretrained(exported[item["id"]]).eval()
+            estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
+            rows.append(Scored(item["id"], kind, estimated, test(model), rescore(model)))
     progress(total, total, "")
-    hand_rows = [r for r in rows if r.kind == "hand"]
-    front_rows = sorted((r for r in rows if r.kind == "front"), key=lambda r: -r.estimated_mean)
-    rows = [r for r in rows if r.kind == "specialist"] + hand_rows + front_rows
+    by_estimate = lambda kind: sorted((r for r in rows if r.kind == kind), key=lambda r: -r.estimated_mean)  # noqa: E731
+    rows = [r for r in rows if r.kind in ("specialist", "hand")] + by_estimate("front") + by_estimate("hybrid")
     write_atomic(run_dir / TABLE_FILE, (json.dumps([asdict(r) for r in rows], indent=1) + "\n").encode())
     return rows
 
 
-def cached_table(run_dir: Path, front: list[dict]) -> list[Scored] | None:
+def cached_table(run_dir: Path, front: list[dict], hybrid: list[dict] = ()) -> list[Scored] | None:
     """The held-out table a previous demo wrote for this front, else None (also for a table written before the
     hand recipes and front were re-scored on the whole search split: it is scored again)."""
     path = run_dir / TABLE_FILE
     if not path.is_file():
         return None
     rows = [Scored(**row) for row in json.loads(path.read_text())]
-    same_front = {r.name for r in rows if r.kind == "front"} == {f["id"] for f in front}
+    same_front = ({r.name for r in rows if r.kind == "front"} == {f["id"] for f in front}
+                  and {r.name for r in rows if r.kind == "hybrid"} == {f["id"] for f in hybrid})
     return rows if same_front and all(r.rescored for r in rows if r.kind != "specialist") else None
 
 
 def short_name(row: Scored) -> str:
     """A table label: 'ties 1/0.5 d0.9' for a hand recipe, the id's generation-index part for a front model."""
-    if row.kind == "front":
+    if row.kind in ("front", "hybrid"):
         return row.name[:10]
     if row.kind == "hand":
         words = row.name.split()
@@ -217,9 +276,9 @@ def short_name(row: Scored) -> str:
     return row.name
 
 
-def summary(rows: list[Scored]) -> list[str]:
+def summary(rows: list[Scored], hybrid_searched: bool = False) -> list[str]:
     """The comparisons the demo exists for, in points of held-out test accuracy."""
-    front = [r for r in rows if r.kind == "front"]
+    front = [r for r in rows if r.kind in ("front", "hybrid")]
     if not front:
         return ["the search found no front model (every candidate failed): see the run's ledger"]
     # chosen on the search split, as a user would choose: on all its items, not the anchors the search saw
@@ -227,7 +286,7 @@ def summary(rows: list[Scored]) -> list[str]:
     hand = max((r for r in rows if r.kind == "hand"), key=lambda r: r.search_mean)
     top = max(front, key=lambda r: r.estimated_mean)  # what the search's own estimates would have picked
     specialists = {"adder": "demo_add", "translator": "demo_words"}
-    lines = [f"best front model on the whole search split: {best.name} ({_search_numbers(best)})"]
+    lines = [f"best front model on the whole search split: {best.name} ({best.kind}; {_search_numbers(best)})"]
     if best.rescored:
         optimism = sum(r.estimated_mean - r.rescored_mean for r in front) / len(front)
         lines.append(f"  winner's curse: the top estimate, {top.name}, re-scores at {_search_numbers(top)}; "
@@ -238,6 +297,24 @@ def summary(rows: list[Scored]) -> list[str]:
         if r.kind == "specialist" and r.name in specialists:
             task = specialists[r.name]
             lines.append(f"  vs the {r.name} on {task}: {100 * (best.test[task] - r.test[task]):+.1f} points")
+    return lines + (hybrid_lines(rows) if hybrid_searched else [])
+
+
+def hybrid_lines(rows: list[Scored]) -> list[str]:
+    """Whether the hybrid search found paths that beat every parameter-space front model on an objective."""
+    ps = [r for r in rows if r.kind == "front"]
+    hybrid = [r for r in rows if r.kind == "hybrid"]
+    if not hybrid or not ps:
+        return ["hybrid search: its front holds only the parameter-space front's own merges (no new path won)"]
+    lines = [f"hybrid search: {len(hybrid)} new front model(s), paths through the specialists' and the front "
+             "merges' layers"]
+    for task in SEARCHED:
+        h, p = (max(rs, key=lambda r: r.estimated[task]) for rs in (hybrid, ps))
+        verdict = "beats every parameter-space front model" if h.estimated[task] > p.estimated[task] else \
+            "does not beat the best parameter-space one"
+        lines.append(f"  on {task}: the best hybrid, {h.name[:10]}, estimate {100 * h.estimated[task]:.1f}% (held-out "
+                     f"{100 * h.test[task]:.1f}%) vs {p.name[:10]} {100 * p.estimated[task]:.1f}% (held-out "
+                     f"{100 * p.test[task]:.1f}%): {verdict}")
     return lines
 
 

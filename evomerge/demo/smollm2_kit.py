@@ -39,6 +39,9 @@ Log = Callable[[str], None]
 Progress = Callable[[int, int, str], None]
 
 
+SEARCH_SETTINGS = ("pop_size", "generations", "hybrid_pop_size", "hybrid_generations", "reference_merges", "anchors")
+
+
 @dataclass(frozen=True)
 class SmolKitConfig:
     """What the SmolLM2 kit builds, and the size of the search run on it."""
@@ -56,13 +59,14 @@ class SmolKitConfig:
     # The search run and its calibration (written into the kit as demo.yaml and demo-calibrate.yaml)
     pop_size: int = 12
     generations: int = 5
+    hybrid_pop_size: int = 10  # the hybrid search, seeded with the parameter-space front (about 9 merges)
+    hybrid_generations: int = 3
     reference_merges: int = 6  # with base and specialists, 9 calibration models: enough for a 2-D IRT fit
     anchors: int = 30
 
     def key(self) -> str:
         """Hash of what changes the models and tasks built (not the search settings): names the kit folder."""
-        built = {k: v for k, v in asdict(self).items()
-                 if k not in ("pop_size", "generations", "reference_merges", "anchors")}
+        built = {k: v for k, v in asdict(self).items() if k not in SEARCH_SETTINGS}
         blob = json.dumps({"version": KIT_VERSION, **built}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -77,6 +81,7 @@ def kit_config(size: str = "full") -> SmolKitConfig:
         return SmolKitConfig(size="tiny", layers=2, batch=4,
                              specialists=(("adder", replace(tiny, first_layer=0)), ("translator", tiny)),
                              data=data.DataSpec(n_search=24, n_test=12), pop_size=4, generations=2,
+                             hybrid_pop_size=4, hybrid_generations=2,
                              reference_merges=2, anchors=8)
     raise EvomergeError(f"unknown SmolLM2 kit size {size!r}: choose one of {', '.join(SIZES)}")
 
@@ -190,10 +195,12 @@ def _write_configs(root: Path, base: Path, specialists: dict[str, Path], tasks: 
 def demo_inputs(cache_dir: Path, size: str = "full"):
     """The pipeline's inputs for the SmolLM2 kit of `size` (its configs and tasks live in the kit folder)."""
     from evomerge.demo.pipeline import DemoInputs
+    from evomerge.demo.search_demo import HybridStage
 
     config = kit_config(size)
     root = kit_root(cache_dir, config)
     return DemoInputs(cache_dir=Path(cache_dir), kit=config, run_config=root / RUN_CONFIG,
-                      calibrate_config=root / CALIBRATE_CONFIG, tasks_dir=root / TASKS)
+                      calibrate_config=root / CALIBRATE_CONFIG, tasks_dir=root / TASKS,
+                      hybrid=HybridStage(config.hybrid_pop_size, config.hybrid_generations))
 
 

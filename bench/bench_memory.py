@@ -133,7 +133,7 @@ def planned(fam: Family, k: int, mode, methods: list[str], fused: bool) -> int:
     gives GPU workers the fused kernel's scratch, and this bench measures on the CPU, eager unless --fused."""
     from evomerge.config import RunConfig
     from evomerge.search.capacity import Workers
-    from evomerge.search.memory_plan import Setting, estimate, live_dtype, read_workload, scratch_fp32_tensors
+    from evomerge.search.memory_plan import Setting, estimate, live_dtype, read_workload, scratch_fp32_entries
 
     config = RunConfig.model_validate({
         "name": "bench", "sources": {"models": {f"m{i}": str(s) for i, s in enumerate(fam.sources[:k])},
@@ -146,8 +146,8 @@ def planned(fam: Family, k: int, mode, methods: list[str], fused: bool) -> int:
     setting = Setting(placement, dtype, cache == "on")
     e = estimate(w, setting, gpu)
     counted = {"sources", "live model", "staging", "selection caches"}
-    scratch = scratch_fp32_tensors(w.k, w.methods, setting.selection_cache, setting.resolved(w),
-                                   live_dtype(w, setting), fused) * w.reference.largest[1] * 4
+    scratch = scratch_fp32_entries(w.k, w.methods, setting.selection_cache, setting.resolved(w),
+                                   live_dtype(w, setting), fused, w.reference.largest[1], blocks=True) * 4
     return scratch + sum(b for name, b, where in e.parts if name in counted and where == "device")
 
 

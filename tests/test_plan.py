@@ -245,3 +245,18 @@ def test_planned_scratch_covers_what_the_materializer_allocates(request, tmp_pat
         m.materialize(Recipe.from_mergekit(doc, where=method))
     measured = m.workspace.nbytes()
     assert measured <= planned <= 1.2 * measured, (measured, planned)
+
+
+def test_cpu_workers_plan_block_scratch_for_elementwise_methods():
+    """Linear and task arithmetic merge large tensors in blocks on CPU workers: their scratch is copies of a
+    block, not of the largest tensor; a sparsifying method in the same space still sets the size."""
+    from evomerge.merge.specs import BLOCK_ENTRIES
+    from evomerge.search.memory_plan import scratch_fp32_entries
+
+    big, k = 50 * BLOCK_ENTRIES, 2
+    ta = lambda methods, blocks: scratch_fp32_entries(k, methods, False, "bfloat16", "bfloat16", False, big, blocks)  # noqa: E731
+    assert ta(("task_arithmetic",), True) == (2 * k + 2) * BLOCK_ENTRIES
+    assert ta(("task_arithmetic",), False) == (2 * k + 2) * big
+    assert ta(("task_arithmetic", "ties"), True) == ta(("ties",), False) == (3 * k + 6) * big
+    small = scratch_fp32_entries(k, ("linear",), False, "bfloat16", "bfloat16", False, 1000, True)
+    assert small == (k + 2) * 1000  # a model whose tensors all fit one block: whole tensors

@@ -61,6 +61,24 @@ def test_every_mode_writes_the_same_bits_for_every_method(qwen2_bf16, method):
             assert torch.equal(merged[name], t), (method, dtype, placement, cache, name)
 
 
+@pytest.mark.parametrize("method", sorted(n for n in TENSOR_METHODS if METHODS[n].elementwise))
+def test_elementwise_methods_merged_in_blocks_write_the_same_bits(qwen2_bf16, method):
+    """Blocks of 1000 entries (so most tensors span several, and most end in a partial block) against whole
+    tensors, for bf16 sources and their float32 copies."""
+    assert {"linear", "task_arithmetic"} <= {n for n in TENSOR_METHODS if METHODS[n].elementwise}
+    recipe = _recipe(method)
+    for dtype in ("auto", "float32"):
+        whole = Materializer(_sources(qwen2_bf16), "base", storage_dtype=dtype)
+        whole.block_entries = None
+        blocks = Materializer(_sources(qwen2_bf16), "base", storage_dtype=dtype)
+        blocks.block_entries = 1000
+        reference, merged = whole.merged_state_dict(recipe), blocks.merged_state_dict(recipe)
+        assert sum(t.numel() > 1000 for t in merged.values()) >= 3  # blocks were used
+        assert blocks.workspace.nbytes() < whole.workspace.nbytes()
+        for name, t in reference.items():
+            assert torch.equal(merged[name], t), (method, dtype, name)
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della", "slerp", "linear"])
 def test_bf16_sources_merge_to_the_reference_of_the_raw_tensors(qwen2_bf16, method):
     """The bf16 sources are never widened in memory, yet the result is that of float32 task vectors."""

@@ -8,8 +8,9 @@ workers.gpus_per_worker >= 2, which divides what is split):
 parameter space (kind ps), placement device:
   sources           (K+1) x P x s / g           (float tensors in s, integer ones as stored)
   live model        P x m / g
-  scratch           scratch_fp32_tensors(...): fp32 copies of the largest tensor, the most any method of the
-                    space needs (measured by bench/bench_memory.py): linear K + 2, other task-vector methods
+  scratch           scratch_fp32_entries(...): fp32 copies of the largest tensor, the most any method of the
+                    space needs (measured by bench/bench_memory.py): linear K + 2 (CPU workers merge linear and
+                    task_arithmetic in blocks: copies of a block of BLOCK_ENTRIES), other task-vector methods
                     2K + 2, sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with
                     the fused kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each
                     model's kept entries, at worst); - 1 each for float32 sources and a float32 live model
@@ -60,22 +61,28 @@ DEVICE_RUNTIME_BYTES = 2**30  # per GPU: CUDA context, cuBLAS workspace, caching
 WORKER_PROCESS_BYTES = 2**30  # per worker, host RAM: torch + transformers + lm-eval + Ray in one process
 
 
-def scratch_fp32_tensors(k: int, methods: tuple[str, ...], cache: bool, storage: str, live: str, fused: bool) -> int:
-    """fp32 copies of the largest tensor a worker keeps as scratch when it merges K fine-tunes with any of
-    `methods` (the buffers grow to the largest request, so the costliest method sets it). Sources stored in
-    float32 need no fp32 copy of the base, a float32 live model no result buffer. `fused`: the compiled combine
-    kernel (what GPU workers run)."""
-    from evomerge.merge.specs import METHODS
+def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage: str, live: str, fused: bool,
+                         largest: int, blocks: bool = False) -> int:
+    """fp32 entries a worker keeps as scratch when it merges K fine-tunes with any of `methods`: copies of the
+    largest tensor (`largest` entries; the buffers grow to the largest request, so the costliest method sets
+    it). Sources stored in float32 need no fp32 copy of the base, a float32 live model no result buffer.
+    `fused`: the compiled combine kernel (what GPU workers run); `blocks`: elementwise methods merge tensors
+    larger than BLOCK_ENTRIES in blocks of that size (CPU workers), so their copies are of a block."""
+    from evomerge.merge.specs import BLOCK_ENTRIES, METHODS
 
-    def copies(name: str) -> int:
+    def entries(name: str) -> int:
         spec = METHODS[name]
+        size = min(largest, BLOCK_ENTRIES) if blocks and spec.elementwise else largest
+        return copies(spec) * size
+
+    def copies(spec) -> int:
         per, fixed = (SCRATCH_SPARSIFY_EAGER if spec.param("density") and not fused else
                       SCRATCH_TASK_VECTORS if spec.needs_base else SCRATCH_AVERAGE)
         cached = cache and spec.uses_magnitude
         return (per + SCRATCH_CACHED_SELECTION[0] * cached) * k + fixed + SCRATCH_CACHED_SELECTION[1] * cached \
             - (storage == "float32") - (live == "float32")
 
-    return max(map(copies, methods), default=SCRATCH_AVERAGE[0] * k + SCRATCH_AVERAGE[1])
+    return max(map(entries, methods), default=(SCRATCH_AVERAGE[0] * k + SCRATCH_AVERAGE[1]) * largest)
 
 
 # safetensors header dtypes: bytes per entry; the floating ones are the ones merged and converted
@@ -290,7 +297,8 @@ def estimate(w: Workload, s: Setting, workers: Workers) -> Estimate:
         r = w.reference
         largest = r.largest[1]
         parts.append(("live model", math.ceil(r.nbytes(m) / split), dev))
-        parts.append(("scratch", scratch_fp32_tensors(w.k, w.methods, s.selection_cache, dtype, m, gpu) * largest * 4, dev))
+        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, blocks=not gpu)
+        parts.append(("scratch", scratch * 4, dev))
         if streamed:
             parts.append(("staging", STAGING_BUFFERS * (w.k + 1) * largest * STORAGE_BYTES[dtype], dev))
         if s.selection_cache and w.cache_bytes:  # built from the task vectors, where they are formed
@@ -522,4 +530,4 @@ def plan_search(config: RunConfig, config_dir: Path, where: str, workers: Worker
 
 
 __all__ = ["Estimate", "ModelShape", "Plan", "Setting", "Workload", "activation_bytes", "estimate", "gib",
-           "live_dtype", "plan_search", "read_workload", "scratch_fp32_tensors"]
+           "live_dtype", "plan_search", "read_workload", "scratch_fp32_entries"]

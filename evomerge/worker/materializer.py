@@ -27,6 +27,7 @@ from evomerge.io.compat import check_compatible
 from evomerge.merge.methods import Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
+from evomerge.merge.specs import BLOCK_ENTRIES
 from evomerge.seeds import derive_seed
 from evomerge.worker.source_store import SourceStore
 
@@ -89,6 +90,7 @@ class Materializer:
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str], float] = {}
         self.workspace = Workspace(fused=fused)
+        self.block_entries = BLOCK_ENTRIES if self.device.type == "cpu" else None  # None: whole tensors
         self._model = None
         self._targets: dict[str, torch.Tensor] | None = None
         self._plain: dict[str, torch.Tensor] | None = None
@@ -156,14 +158,17 @@ class Materializer:
                 if name not in self.float_names:
                     target.copy_(tensors[self.base_name])  # integer tensors are not merged: the base's are kept
                     continue
-                base = self._as_float32(tensors[self.base_name], "source.base")
-                task = {m: self._task_vector(tensors[m], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
-                deltas = [task.get(m) for m in inputs]
                 kwargs = recipe.resolve(name, layer_position(name, self.num_layers))  # every parameter, defaults filled
                 if spec.random:
                     kwargs["seed"] = derive_seed(seed, name)  # independent of tensor order
                 if spec.base_optional:
                     kwargs["relative"] = not recipe.baseless
+                if spec.elementwise and self._blockwise(target, tensors, held):
+                    self._merge_blocks(merge, tensors, held, inputs, target, kwargs, recipe.method, name)
+                    continue
+                base = self._as_float32(tensors[self.base_name], "source.base")
+                task = {m: self._task_vector(tensors[m], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
+                deltas = [task.get(m) for m in inputs]
                 if spec.uses_magnitude and self.selection_cache:
                     kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name, task)
                 if spec.uses_ranks and self.selection_cache:
@@ -177,6 +182,28 @@ class Materializer:
                     raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
                 if result is not target:
                     target.copy_(result)
+
+    def _blockwise(self, target: torch.Tensor, tensors: Mapping[str, torch.Tensor], held: list[str]) -> bool:
+        return (self.block_entries is not None and target.numel() > self.block_entries and target.is_contiguous()
+                and all(tensors[m].is_contiguous() for m in held))
+
+    def _merge_blocks(self, merge, tensors, held, inputs, target, kwargs, method: str, name: str) -> None:
+        """An elementwise method over `block_entries` entries at a time: the same float ops per entry as one
+        whole-tensor call, so the same bits, with the float32 scratch small enough to stay in the cache."""
+        flat = {m: tensors[m].view(-1) for m in held}
+        out_flat = target.view(-1)
+        for start in range(0, out_flat.numel(), self.block_entries):
+            block = slice(start, start + self.block_entries)
+            base = self._as_float32(flat[self.base_name][block], "source.base")
+            task = {m: self._task_vector(flat[m][block], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
+            into = out_flat[block]
+            out = into if into.dtype == torch.float32 else self.workspace.get("result", base)
+            try:
+                result = merge(base, [task.get(m) for m in inputs], out=out, ws=self.workspace, **kwargs)
+            except ValueError as e:
+                raise RecipeError(f"{method} on tensor {name}: {e}") from None
+            if result is not into:
+                into.copy_(result)
 
     def _as_float32(self, t: torch.Tensor, slot: str) -> torch.Tensor:
         """t in float32: itself when it already is (read-only here), else a copy in scratch."""

@@ -82,22 +82,22 @@ def test_demo_stages_end_to_end(demo_workspace):
     counted = []
     rows = demo.held_out_table(prepared, run.path, hand, front, paths, log.append, tasks_dir=kit.tasks_dir,
                                progress=lambda *a: counted.append(a))
-    total = 4 + len(front)
-    assert counted == [(i, total, name) for i, name in enumerate(["adder", "translator", rows[2].name, rows[3].name,
-                                                                  *(f["id"] for f in front)])] + [(total, total, "")]
+    total = 5 + len(front)
+    names = ["base", "adder", "translator", rows[3].name, rows[4].name, *(f["id"] for f in front)]
+    assert counted == [(i, total, name) for i, name in enumerate(names)] + [(total, total, "")]
     kinds = [r.kind for r in rows]
-    assert kinds == ["specialist"] * 2 + ["hand"] * 2 + ["front"] * len(front)
-    assert [r.name for r in rows[:2]] == ["adder", "translator"]
+    assert kinds == ["base"] + ["specialist"] * 2 + ["hand"] * 2 + ["front"] * len(front)
+    assert [r.name for r in rows[:3]] == ["base", "adder", "translator"]
     assert all(set(r.test) == set(demo.TEST_TASKS) and all(0 <= v <= 1 for v in r.test.values()) for r in rows)
     estimates = [r.estimated_mean for r in rows if r.kind == "front"]
     assert estimates == sorted(estimates, reverse=True)
     # hand recipes and front re-scored on every search item; the specialists were never estimated
-    assert all(set(r.rescored) == set(demo.SEARCHED) for r in rows[2:]) and rows[0].rescored == {}
+    assert all(set(r.rescored) == set(demo.SEARCHED) for r in rows[3:]) and rows[0].rescored == rows[1].rescored == {}
     lines = demo.summary(rows)
-    best = max(rows[4:], key=lambda r: r.rescored_mean)  # chosen on the whole split, not on the estimate
-    assert lines[0].startswith(f"best front model on the whole search split: {best.name} (whole search split "
+    best = max(rows[5:], key=lambda r: r.rescored_mean)  # chosen on the whole split, not on the estimate
+    assert lines[0].startswith(f"best front model on the whole search split: {best.name} (front; whole search split "
                                f"{100 * best.rescored_mean:.1f}%, anchor estimate {100 * best.estimated_mean:.1f}%)")
-    assert lines[1].startswith(f"  winner's curse: the top estimate, {rows[4].name}, re-scores at ")
+    assert lines[1].startswith(f"  winner's curse: the top estimate, {rows[5].name}, re-scores at ")
 
     # the same run, reopened: the same table (seeded, and every stage read back from disk)
     table = (run.path / demo.TABLE_FILE).read_text()
@@ -110,6 +110,9 @@ def test_demo_stages_end_to_end(demo_workspace):
     # a table from before the whole-split re-scoring is scored again, not shown with estimates alone
     old = [{k: v for k, v in row.items() if k != "rescored"} for row in json.loads(table)]
     (run.path / demo.TABLE_FILE).write_text(json.dumps(old))
+    assert demo.cached_table(run.path, front) is None
+    # and one from before the base was scored
+    (run.path / demo.TABLE_FILE).write_text(json.dumps(json.loads(table)[1:]))
     assert demo.cached_table(run.path, front) is None
 
 
@@ -146,7 +149,7 @@ def test_run_demo_runs_the_stages_not_done_yet(demo_workspace):
     assert len(pools) == 1 and len(ui.generations) == 2 and len(ui.waits) == 2
     assert (result.run_dir / "front.png").is_file() and (result.run_dir / demo.HAND_FILE).is_file()
     kinds = [r.kind for r in result.rows]
-    assert kinds[:4] == ["specialist"] * 2 + ["hand"] * 2 and set(kinds[4:]) == {"front"}
+    assert kinds[:5] == ["base"] + ["specialist"] * 2 + ["hand"] * 2 and set(kinds[5:]) == {"front"}
     assert all((result.front_dir / r.name).is_dir() for r in result.rows if r.kind == "front")
     assert result.summary == demo.summary(result.rows)
 

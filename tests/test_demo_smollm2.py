@@ -112,7 +112,7 @@ def test_evomerge_demo_on_the_tiny_smollm2_kit(tiny_base, tmp_path, capsys):
     assert all((root / name / "model.safetensors").is_file() for name in ("base", "adder", "translator"))
     assert (root / "calibration.json").is_file() and not list(root.glob(".*.work"))
     rows = json.loads((tmp_path / "run" / demo.TABLE_FILE).read_text())
-    assert [r["kind"] for r in rows[:4]] == ["specialist"] * 2 + ["hand"] * 2 and rows[4]["kind"] == "front"
+    assert [r["kind"] for r in rows[:5]] == ["base"] + ["specialist"] * 2 + ["hand"] * 2 and rows[5]["kind"] == "front"
     assert all(set(r["test"]) == set(demo.TEST_TASKS) for r in rows)
     _check_the_hybrid_search_starts_from_the_front(tmp_path / "run", out)
     assert main(argv) == 0  # finished: read back from disk, the same table

@@ -19,8 +19,9 @@ def add_demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
         "demo", parents=[common], help="the demo search: fine-tune two specialists of SmolLM2-135M-Instruct, search "
         "merges of them, export the front, and compare it with the specialists and hand recipes on held-out items",
         description="Build the demo kit (once, cached in .cache/demo), calibrate (once per kit), run the NSGA-II "
-        "search (resumed if interrupted), score a grid of hand recipes the same way, export the front, and print "
-        "a table on the held-out test splits. Seeded: the same command prints the same table.")
+        "search (resumed if interrupted), score a grid of hand recipes the same way, run a hybrid search (layer "
+        "paths through the specialists and the front merges) seeded with the front (SmolLM2 kit), export the "
+        "fronts, and print a table on the held-out test splits. Seeded: the same command prints the same table.")
     demo.add_argument("--kit", choices=("smollm2", "toy"), default="smollm2",
                       help="smollm2: an adder and a translator fine-tuned from SmolLM2-135M-Instruct (needs "
                       f"`{INSTALL}`); toy: a 0.86M-parameter character-level Llama trained from scratch, the "

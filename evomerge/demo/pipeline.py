@@ -99,10 +99,9 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
         hand = _search_and_hand_recipes(run, prepared, make_pool, ui)
     front = status(run, prepared)["front"]
     hybrid = _hybrid_search(run, prepared, front, inputs.hybrid, make_pool, ui) if inputs.hybrid else ([], None)
+    fronts = [(run.path, front)] + ([(hybrid[1], hybrid[0])] if hybrid[1] is not None else [])
     with ui.counting("exporting the front", "models") as progress:
-        exported = _export_front(run.path, front, ui.log, progress)
-        if hybrid[1] is not None:
-            exported.update(_export_front(hybrid[1], hybrid[0], ui.log, progress))
+        exported = _export_fronts(fronts, ui.log, progress)
     rows = stages.cached_table(run.path, front, hybrid[0])
     if rows is None:
         with ui.waiting("scoring on the held-out test splits") as progress:
@@ -142,9 +141,9 @@ def _hybrid_search(ps_run: RunDir, ps_prepared: Prepared, front: list[dict], sta
     if not _searched(run, prepared):
         ui.log(f"hybrid search: {len(prepared.space.seeds)} front merges seed paths through both specialists' "
                f"and their own layers; run directory {run.path}")
-        with closing(make_pool(prepared)) as pool:
-            with ui.searching(stage.generations, prepared.config.algorithm.pop_size) as (on_generation, on_result):
-                drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
+        searching = ui.searching(stage.generations, prepared.config.algorithm.pop_size)
+        with closing(make_pool(prepared)) as pool, searching as (on_generation, on_result):
+            drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
     new = stages.new_front(run, prepared, status(run, prepared)["front"])
     ui.log(f"hybrid search: {len(new)} new front model(s) beside the parameter-space front's own merges")
     return new, run.path
@@ -167,15 +166,21 @@ def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: Dem
             return stages.score_hand_recipes(prepared, _CountedPool(pool, progress or _ignore), run.path, ui.log)
 
 
-def _export_front(run_path: Path, front: list[dict], log, progress: Progress = _ignore) -> dict[str, Path]:
-    """candidate id -> its export in RUN_DIR/front/, exporting those not there yet."""
+def _export_fronts(fronts: list[tuple[Path, list[dict]]], log, progress: Progress = _ignore) -> dict[str, Path]:
+    """candidate id -> its export in RUN_DIR/front/ for each (run directory, front), exporting those not there
+    yet; `progress` counts them all together."""
     from evomerge.export import export_run
 
-    front_dir = run_path / FRONT_DIR
-    todo = [f["id"] for f in front if not (front_dir / f["id"]).is_dir()]  # an export appears whole or not at all
-    if todo:
-        export_run(run_path, front_dir, ids=todo, force=True, log=log, progress=progress)
-    return {f["id"]: front_dir / f["id"] for f in front}
+    # an export appears whole or not at all
+    todo = [(run_path, [f["id"] for f in front if not (run_path / FRONT_DIR / f["id"]).is_dir()])
+            for run_path, front in fronts]
+    total, done = sum(len(ids) for _, ids in todo), 0
+    for run_path, ids in todo:
+        if ids:
+            counted = lambda d, _total, note, before=done: progress(before + d, total, note)
+            export_run(run_path, run_path / FRONT_DIR, ids=ids, force=True, log=log, progress=counted)
+            done += len(ids)
+    return {f["id"]: run_path / FRONT_DIR / f["id"] for run_path, front in fronts for f in front}
 
 
 class _CountedPool:

@@ -130,7 +130,7 @@ class Scored:
     """A model of the table: its search-split estimates (as the search sees it) and held-out test accuracy."""
 
     name: str
-    kind: str  # specialist, hand, front
+    kind: str  # base, specialist, hand, front, hybrid
     estimated: dict[str, float]  # objective task -> IRT estimate on the search split (empty for specialists)
     test: dict[str, float]  # task -> accuracy on the full test split
     # objective task -> accuracy on every item of the search split, not only the anchors the estimate was read
@@ -191,7 +191,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
                    exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR,
                    progress: Callable[[int, int, str], None] = lambda done, total, name: None,
                    hybrid: list[dict] = ()) -> list[Scored]:
-    """Score the specialists, the best hand recipes and the exported front models (ps `front`, then the new
+    """Score the base, the specialists, the best hand recipes and the exported front models (ps `front`, then the new
     members of the `hybrid` search's front) on every test item, and all but the specialists on every search
     item too (`Scored.rescored`); `progress(done, total, name)` counts the models (name: the one under way)."""
     import torch
@@ -223,15 +223,16 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
         return {t: float(scores[t].value) for t in SEARCHED}
 
     rows: list[Scored] = []
-    total = len(sources) + 2 + len(front) + len(hybrid)  # specialists, best hand recipe per method, the fronts
+    total = 1 + len(sources) + 2 + len(front) + len(hybrid)  # base, specialists, best hand recipe per method, fronts
 
     def starting(message: str, name: str) -> None:
         log(message)
         progress(len(rows), total, name)
 
-    for name, path in sources.items():
+    for name, path, kind in [("base", config.sources.base_model, "base"),
+                             *((name, path, "specialist") for name, path in sources.items())]:
         starting(f"test split: {name}", name)
-        rows.append(Scored(name, "specialist", {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
+        rows.append(Scored(name, kind, {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
     recipes = hand_recipes(sources, config.sources.base_model)
     materializer = SourceModels(config, prepared.config_dir).materializer  # as the workers build it
     for method in ("task_arithmetic", "ties"):
@@ -246,22 +247,23 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
             estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
             rows.append(Scored(item["id"], kind, estimated, test(model), rescore(model)))
     progress(total, total, "")
-    by_estimate = lambda kind: sorted((r for r in rows if r.kind == kind), key=lambda r: -r.estimated_mean)  # noqa: E731
-    rows = [r for r in rows if r.kind in ("specialist", "hand")] + by_estimate("front") + by_estimate("hybrid")
+    by_estimate = lambda kind: sorted((r for r in rows if r.kind == kind), key=lambda r: -r.estimated_mean)
+    rows = [r for r in rows if r.kind in ("base", "specialist", "hand")] + by_estimate("front") + by_estimate("hybrid")
     write_atomic(run_dir / TABLE_FILE, (json.dumps([asdict(r) for r in rows], indent=1) + "\n").encode())
     return rows
 
 
 def cached_table(run_dir: Path, front: list[dict], hybrid: list[dict] = ()) -> list[Scored] | None:
-    """The held-out table a previous demo wrote for this front, else None (also for a table written before the
-    hand recipes and front were re-scored on the whole search split: it is scored again)."""
+    """The held-out table a previous demo wrote for these fronts, else None (also for a table written before the
+    base was scored or the hand recipes and front were re-scored on the whole search split: it is scored again)."""
     path = run_dir / TABLE_FILE
     if not path.is_file():
         return None
     rows = [Scored(**row) for row in json.loads(path.read_text())]
     same_front = ({r.name for r in rows if r.kind == "front"} == {f["id"] for f in front}
                   and {r.name for r in rows if r.kind == "hybrid"} == {f["id"] for f in hybrid})
-    return rows if same_front and all(r.rescored for r in rows if r.kind != "specialist") else None
+    complete = any(r.kind == "base" for r in rows) and all(r.rescored for r in rows if r.kind in ("hand", "front"))
+    return rows if same_front and complete else None
 
 
 def short_name(row: Scored) -> str:
@@ -306,8 +308,8 @@ def hybrid_lines(rows: list[Scored]) -> list[str]:
     hybrid = [r for r in rows if r.kind == "hybrid"]
     if not hybrid or not ps:
         return ["hybrid search: its front holds only the parameter-space front's own merges (no new path won)"]
-    lines = [f"hybrid search: {len(hybrid)} new front model(s), paths through the specialists' and the front "
-             "merges' layers"]
+    lines = [f"hybrid search: {len(hybrid)} new front model(s), paths through the specialists' and the front merges' "
+             + "layers"]
     for task in SEARCHED:
         h, p = (max(rs, key=lambda r: r.estimated[task]) for rs in (hybrid, ps))
         verdict = "beats every parameter-space front model" if h.estimated[task] > p.estimated[task] else \

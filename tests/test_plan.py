@@ -130,6 +130,18 @@ def test_a_config_that_cannot_fit_is_refused_by_search_naming_sources_placement(
     assert lines[0].startswith(f"evomerge: error: {config_path}: sources.placement: a worker needs ")
     assert f"which has {mp.gib(free)} free; set sources.placement: host (needs {mp.gib(host)} per GPU" in lines[0]
     assert not run_dir.exists()
+    # resuming a run on such workers is refused the same way, naming the run's config, before anything runs
+    from evomerge.search.session import create_run
+
+    run, _ = create_run(config_path, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    out = subprocess.run([sys.executable, "-m", "evomerge", "resume", str(run_dir), "--device-memory", f"{free}B",
+                          "--host-memory", "64GiB"], check=False, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"evomerge: error: {run.config_path}: sources.placement: a worker needs ")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_evomerge_plan_prints_the_table_and_what_to_set(llama, tmp_path, capsys):

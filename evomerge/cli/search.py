@@ -39,6 +39,7 @@ def add_resume_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     resume = sub.add_parser("resume", parents=[common], help="continue a search after a crash or a stop")
     resume.add_argument("run_dir", type=Path, help="the run directory")
     add_pool_options(resume)
+    add_memory_options(resume)
     resume.set_defaults(func=cmd_resume)
 
 
@@ -55,28 +56,30 @@ def add_status_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 def cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search.session import create_run
 
-    _check_memory(args)  # before the run directory exists
-    run, prepared = create_run(args.config, args.run_dir)
+    from evomerge.config import RunConfig, load_config
+
+    _check_memory(args, load_config(args.config, RunConfig), args.config.resolve().parent, str(args.config))
+    run, prepared = create_run(args.config, args.run_dir)  # the run directory is made only after the checks
     print(f"run directory: {run.path}")
     return _search_to_the_end(run, prepared, args)
 
 
-def _check_memory(args: argparse.Namespace) -> None:
+def _check_memory(args: argparse.Namespace, config, config_dir: Path, where: str) -> None:
     """Refuse a search whose workers cannot hold what they must (`evomerge plan` shows the parts)."""
-    from evomerge.config import RunConfig, load_config
     from evomerge.search.capacity import workers_for
     from evomerge.search.preflight import check_memory
 
-    config = load_config(args.config, RunConfig)
     workers = workers_for(config, device=args.device, in_process=args.in_process, address=args.address,
                           device_memory=args.device_memory, host_memory=args.host_memory)
-    check_memory(config, args.config.resolve().parent, str(args.config), workers)
+    check_memory(config, config_dir, where, workers)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.session import open_run
 
     run, prepared = open_run(args.run_dir)
+    # the workers of this resume (another machine, say) must hold the run's sources as its config sets them
+    _check_memory(args, prepared.config, prepared.config_dir, str(run.config_path))
     return _search_to_the_end(run, prepared, args)
 
 

@@ -10,6 +10,11 @@ random ones. Both are scored by the same Ray workers on the same anchors with th
 the hypervolume of each method's front of estimated accuracies (reference point: 0 accuracy on every task;
 maximized), per seed and on average, and NSGA-II's gain over random search (goal >= +10%).
 
+With --hybrid (the default for the SmolLM2 kit) each seed's NSGA-II front then seeds the demo's hybrid search
+(paths through the specialists' and the front merges' layers; seed 0 reuses the demo's own), and the bench
+prints, per objective, the best estimate of a new hybrid front member against the best of the ps front (goal:
+a hybrid member beats every ps one on at least one objective).
+
 The held-out comparison (best front model vs the specialists and the best hand recipe) is what
 `evomerge demo` prints below its table; DEMO.md in bench/ keeps the numbers.
 """
@@ -27,7 +32,7 @@ import yaml
 from evomerge.demo import search_demo as demo
 from evomerge.search import pool as ray_pool  # before anything imports Ray (it sets Ray's auth mode)
 from evomerge.search.driver import candidates_of, objectives_of
-from evomerge.search.session import create_run, drive, open_run
+from evomerge.search.session import create_run, drive, open_run, status
 from evomerge.worker.evaluator import Evaluator
 
 
@@ -74,12 +79,35 @@ def random_points(prepared, pool, seed: int, budget: int) -> np.ndarray:
     return np.array(points)
 
 
+def hybrid_verdicts(run, prepared, stage, start_pool) -> list[str]:
+    """Per objective: the best new hybrid front member's estimate against the best ps front member's."""
+    from contextlib import closing
+
+    front = status(run, prepared)["front"]
+    h_run, h_prepared = demo.open_hybrid_run(run.path, prepared, front, stage)
+    state = status(h_run, h_prepared)
+    if state["generation"] < state["generations"]:  # a finished one (the demo's own) needs no workers
+        with closing(start_pool(h_prepared)) as pool:
+            drive(h_run, h_prepared, pool)
+    new = demo.new_front(h_run, h_prepared, status(h_run, h_prepared)["front"])
+    lines = []
+    for task in demo.SEARCHED:
+        ps = max(float(f["objectives"][task]) for f in front)
+        hy = max((float(f["objectives"][task]) for f in new), default=None)
+        verdict = "none new" if hy is None else f"{100 * hy:.1f}% ({'beats' if hy > ps else 'does not beat'} ps)"
+        lines.append(f"{task}: best hybrid {verdict} vs best ps {100 * ps:.1f}%")
+    return [f"{len(new)} new hybrid front member(s)"] + lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--out", type=Path, default=Path("bench/out/demo_bench"), help="where the runs go")
     p.add_argument("--kit", choices=("smollm2", "toy"), default="smollm2", help="the demo kit (default: smollm2)")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the hybrid search on each seed's front (default: on for smollm2)")
     args = p.parse_args()
+    hybrid = args.kit == "smollm2" if args.hybrid is None else args.hybrid
     if args.kit == "smollm2":
         from evomerge.demo.smollm2_kit import RUN_CONFIG, kit_config, kit_root
 
@@ -116,6 +144,17 @@ def main() -> int:
             rows.append((seed, done, hypervolume(ga), hypervolume(rs), t_ga, t_rs))
             print(f"seed {seed}: {done} evaluations each; hypervolume NSGA-II {rows[-1][2]:.4f}, random "
                   f"{rows[-1][3]:.4f} ({100 * (rows[-1][2] / rows[-1][3] - 1):+.1f}%)", flush=True)
+            if hybrid:
+                from evomerge.demo.smollm2_kit import kit_config
+
+                pool.close()  # its workers hold the node's CPUs: the hybrid search starts its own
+                pool = None
+
+                kit = kit_config("full")
+                stage = demo.HybridStage(kit.hybrid_pop_size, kit.hybrid_generations)
+                t = time.perf_counter()
+                lines = hybrid_verdicts(run, prepared, stage, lambda hp: ray_pool.RayPool(hp, Evaluator))
+                print(f"  hybrid ({time.perf_counter() - t:.0f} s): " + "; ".join(lines), flush=True)
     finally:
         if pool is not None:
             pool.close()

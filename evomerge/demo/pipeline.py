@@ -98,15 +98,18 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
     else:
         hand = _search_and_hand_recipes(run, prepared, make_pool, ui)
     front = status(run, prepared)["front"]
-    hybrid = _hybrid_search(run, prepared, front, inputs.hybrid, make_pool, ui) if inputs.hybrid else ([], None)
-    fronts = [(run.path, front)] + ([(hybrid[1], hybrid[0])] if hybrid[1] is not None else [])
+    fronts = [(run.path, front)]
+    hybrid: list[dict] = []  # the hybrid search's new front members
+    if inputs.hybrid is not None:
+        hybrid, hybrid_dir = _hybrid_search(run, prepared, front, inputs.hybrid, make_pool, ui)
+        fronts.append((hybrid_dir, hybrid))
     with ui.counting("exporting the front", "models") as progress:
         exported = _export_fronts(fronts, ui.log, progress)
-    rows = stages.cached_table(run.path, front, hybrid[0])
+    rows = stages.cached_table(run.path, front, hybrid)
     if rows is None:
         with ui.waiting("scoring on the held-out test splits") as progress:
             rows = stages.held_out_table(prepared, run.path, hand, front, exported, ui.log, inputs.tasks_dir,
-                                         progress or _ignore, hybrid[0])
+                                         progress or _ignore, hybrid)
     return DemoResult(run.path, rows, stages.summary(rows, hybrid_searched=inputs.hybrid is not None))
 
 

@@ -190,13 +190,10 @@ class Materializer:
     def _merge_blocks(self, merge, tensors, held, inputs, target, kwargs, method: str, name: str) -> None:
         """An elementwise method over `block_entries` entries at a time: the same float ops per entry as one
         whole-tensor call, so the same bits, with the float32 scratch small enough to stay in the cache."""
-        flat = {m: tensors[m].view(-1) for m in held}
-        out_flat = target.view(-1)
-        for start in range(0, out_flat.numel(), self.block_entries):
-            block = slice(start, start + self.block_entries)
-            base = self._as_float32(flat[self.base_name][block], "source.base")
-            task = {m: self._task_vector(flat[m][block], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
-            into = out_flat[block]
+        blocks = {m: tensors[m].view(-1).split(self.block_entries) for m in held}  # views, made in one call
+        for i, into in enumerate(target.view(-1).split(self.block_entries)):
+            base = self._as_float32(blocks[self.base_name][i], "source.base")
+            task = {m: self._task_vector(blocks[m][i], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
             out = into if into.dtype == torch.float32 else self.workspace.get("result", base)
             try:
                 result = merge(base, [task.get(m) for m in inputs], out=out, ws=self.workspace, **kwargs)
@@ -212,9 +209,13 @@ class Materializer:
         return self.workspace.get(slot, t, torch.float32).copy_(t)
 
     def _task_vector(self, t: torch.Tensor, base: torch.Tensor, slot: str) -> torch.Tensor:
-        """t - base in float32 scratch, in one pass: a bf16/fp16 `t` is widened as it is read (exactly, so the
-        result equals widening it first)."""
-        return torch.sub(t, base, out=self.workspace.get(slot, t, torch.float32))
+        """t - base in float32 scratch. A bf16/fp16 `t` is widened first (exactly, so the bits are those of
+        float32 sources): a widening copy and a float32 subtraction are both vectorized, where torch's
+        mixed-dtype subtraction casts entry by entry (measured 1.3x slower on CPU)."""
+        out = self.workspace.get(slot, t, torch.float32)
+        if t.dtype == torch.float32:
+            return torch.sub(t, base, out=out)
+        return out.copy_(t).sub_(base)
 
     def _derived(self, cache: dict, build, inputs: list[str], name: str, task: dict[str, torch.Tensor]) -> list:
         """Data derived from each input's task vector for tensor `name` (fixed while the sources are

@@ -44,6 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.cli.pools import make_pool
     from evomerge.cli.progress import RichDemoUI
     from evomerge.demo.pipeline import run_demo
+    from evomerge.demo.search_demo import HYBRID_DIR
 
     start = time.perf_counter()
     console = Console(stderr=True)
@@ -52,7 +53,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_table(result.rows)
     for line in result.summary:
         print(line)
-    print(f"front models exported to {result.front_dir}; demo done in {time.perf_counter() - start:.0f} s")
+    hybrid = result.run_dir / HYBRID_DIR / "front"
+    also = f" and {hybrid}" if any(r.kind == "hybrid" for r in result.rows) else ""
+    print(f"front models exported to {result.front_dir}{also}; demo done in {time.perf_counter() - start:.0f} s")
     return 0
 
 

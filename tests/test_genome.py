@@ -302,7 +302,7 @@ def test_a_ps_genome_seeds_a_hybrid_as_that_merge_alone():
 
 def test_seeds_of_the_wrong_size_or_range_are_refused_naming_the_seed():
     with pytest.raises(SearchSpaceError, match=r"search_space.seeds\[1\] has 3 genes, this space has \d+ \(or \d+, a "
-                       "parameter-space genome\)"):
+                       r"parameter-space genome\)"):
         load({"preset": "hybrid", "seeds": [load("hybrid").initial(COUNTS)[0].tolist(), [0.5] * 3]}).initial(COUNTS)
     with pytest.raises(SearchSpaceError, match=r"seeds.*seeds\[0\]: genome values lie in \[0, 1\]; gene 1 is 1.5"):
         load({"preset": "dfs_paths", "seeds": [[0.5, 1.5]]})

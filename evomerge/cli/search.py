@@ -54,9 +54,8 @@ def add_status_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from evomerge.search.session import create_run
-
     from evomerge.config import RunConfig, load_config
+    from evomerge.search.session import create_run
 
     _check_memory(args, load_config(args.config, RunConfig), args.config.resolve().parent, str(args.config))
     run, prepared = create_run(args.config, args.run_dir)  # the run directory is made only after the checks

@@ -22,6 +22,7 @@ The held-out comparison (best front model vs the specialists and the best hand r
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -79,8 +80,9 @@ def random_points(prepared, pool, seed: int, budget: int) -> np.ndarray:
     return np.array(points)
 
 
-def hybrid_verdicts(run, prepared, stage, start_pool) -> list[str]:
-    """Per objective: the best new hybrid front member's estimate against the best ps front member's."""
+def hybrid_verdicts(run, prepared, stage, start_pool) -> tuple[list[str], Path, list[dict]]:
+    """Per objective: the best new hybrid front member's estimate against the best ps front member's; and the
+    hybrid run's directory and new front members."""
     from contextlib import closing
 
     front = status(run, prepared)["front"]
@@ -96,7 +98,22 @@ def hybrid_verdicts(run, prepared, stage, start_pool) -> list[str]:
         hy = max((float(f["objectives"][task]) for f in new), default=None)
         verdict = "none new" if hy is None else f"{100 * hy:.1f}% ({'beats' if hy > ps else 'does not beat'} ps)"
         lines.append(f"{task}: best hybrid {verdict} vs best ps {100 * ps:.1f}%")
-    return [f"{len(new)} new hybrid front member(s)"] + lines
+    return [f"{len(new)} new hybrid front member(s)"] + lines, h_run.path, new
+
+
+def held_out(run, prepared, hand: dict, hybrid_dir: Path | None, hybrid: list[dict], tasks_dir: Path) -> list[str]:
+    """The demo's held-out comparison for this seed's fronts (the hand recipes are the demo's: they do not
+    depend on the seed), kept in the run directory like the demo's table."""
+    from evomerge.demo.pipeline import export_fronts
+
+    front = status(run, prepared)["front"]
+    rows = demo.cached_table(run.path, front, hybrid)
+    if rows is None:
+        fronts = [(run.path, front)] + ([(hybrid_dir, hybrid)] if hybrid_dir is not None else [])
+        exported = export_fronts(fronts, lambda line: None)
+        rows = demo.held_out_table(prepared, run.path, hand, front, exported, lambda line: None, tasks_dir,
+                                   hybrid=hybrid)
+    return demo.summary(rows, hybrid_searched=hybrid_dir is not None)
 
 
 def main() -> int:
@@ -106,10 +123,13 @@ def main() -> int:
     p.add_argument("--kit", choices=("smollm2", "toy"), default="smollm2", help="the demo kit (default: smollm2)")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the hybrid search on each seed's front (default: on for smollm2)")
+    p.add_argument("--held-out", action="store_true",
+                   help="also score each seed's fronts on the held-out splits against the demo's hand recipes "
+                   "and specialists, as `evomerge demo` does for its own run (SmolLM2 kit; minutes per seed)")
     args = p.parse_args()
     hybrid = args.kit == "smollm2" if args.hybrid is None else args.hybrid
     if args.kit == "smollm2":
-        from evomerge.demo.smollm2_kit import RUN_CONFIG, kit_config, kit_root
+        from evomerge.demo.smollm2_kit import RUN_CONFIG, TASKS, kit_config, kit_root
 
         root = kit_root(demo.DEFAULT_CACHE, kit_config("full"))
         calibration, config = root / "calibration.json", root / RUN_CONFIG  # the kit's config: absolute paths
@@ -153,8 +173,15 @@ def main() -> int:
                 kit = kit_config("full")
                 stage = demo.HybridStage(kit.hybrid_pop_size, kit.hybrid_generations)
                 t = time.perf_counter()
-                lines = hybrid_verdicts(run, prepared, stage, lambda hp: ray_pool.RayPool(hp, Evaluator))
+                lines, hybrid_dir, new = hybrid_verdicts(run, prepared, stage,
+                                                         lambda hp: ray_pool.RayPool(hp, Evaluator))
                 print(f"  hybrid ({time.perf_counter() - t:.0f} s): " + "; ".join(lines), flush=True)
+            if args.held_out and args.kit == "smollm2":
+                hand = json.loads((demo_run / demo.HAND_FILE).read_text())
+                t = time.perf_counter()
+                lines = held_out(run, prepared, hand, hybrid_dir if hybrid else None, new if hybrid else [],
+                                 root / TASKS)
+                print(f"  held-out ({time.perf_counter() - t:.0f} s):\n    " + "\n    ".join(lines), flush=True)
     finally:
         if pool is not None:
             pool.close()

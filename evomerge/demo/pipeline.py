@@ -104,7 +104,7 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
         hybrid, hybrid_dir = _hybrid_search(run, prepared, front, inputs.hybrid, make_pool, ui)
         fronts.append((hybrid_dir, hybrid))
     with ui.counting("exporting the front", "models") as progress:
-        exported = _export_fronts(fronts, ui.log, progress)
+        exported = export_fronts(fronts, ui.log, progress)
     rows = stages.cached_table(run.path, front, hybrid)
     if rows is None:
         with ui.waiting("scoring on the held-out test splits") as progress:
@@ -169,7 +169,7 @@ def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: Dem
             return stages.score_hand_recipes(prepared, _CountedPool(pool, progress or _ignore), run.path, ui.log)
 
 
-def _export_fronts(fronts: list[tuple[Path, list[dict]]], log, progress: Progress = _ignore) -> dict[str, Path]:
+def export_fronts(fronts: list[tuple[Path, list[dict]]], log, progress: Progress = _ignore) -> dict[str, Path]:
     """candidate id -> its export in RUN_DIR/front/ for each (run directory, front), exporting those not there
     yet; `progress` counts them all together."""
     from evomerge.export import export_run

@@ -191,9 +191,10 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
                    exported: Mapping[str, Path], log: Log, tasks_dir: Path = TASKS_DIR,
                    progress: Callable[[int, int, str], None] = lambda done, total, name: None,
                    hybrid: list[dict] = ()) -> list[Scored]:
-    """Score the base, the specialists, the best hand recipes and the exported front models (ps `front`, then the new
-    members of the `hybrid` search's front) on every test item, and all but the specialists on every search
-    item too (`Scored.rescored`); `progress(done, total, name)` counts the models (name: the one under way)."""
+    """Score the base, the specialists, the best hand recipes and the exported front models (ps `front`, then
+    the new members of the `hybrid` search's front) on every test item, and the hand recipes and fronts on every
+    search item too (`Scored.rescored`); `progress(done, total, name)` counts the models (name: the one under
+    way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

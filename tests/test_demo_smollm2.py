@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -106,6 +107,8 @@ def test_evomerge_demo_on_the_tiny_smollm2_kit(tiny_base, tmp_path, capsys):
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "training the demo kit: 12/12 steps done in" in err and "steps (" in err and "ETA" in err  # progress
+    exports = re.search(r"exporting the front: (\d+)/(\d+) models done", err)  # both fronts counted as one
+    assert exports and exports[1] == exports[2], err[-2000:]
     assert "Accuracy (%) on the held-out test splits" in out and "winner's curse" in out
     assert "best front model on the whole search split" in out
     root = kit_root(cache, kit_config("tiny"))

@@ -176,12 +176,7 @@ class Materializer:
                 if spec.param("rescale") is not None and kwargs["rescale"]:
                     kwargs["l1"] = self._derived(self._l1, _l1_norm, inputs, name, task)
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
-                try:
-                    result = merge(base, deltas, out=out, ws=self.workspace, **kwargs)
-                except ValueError as e:
-                    raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
-                if result is not target:
-                    target.copy_(result)
+                self._merge_into(target, merge, base, deltas, out, kwargs, recipe.method, name)
 
     def _blockwise(self, target: torch.Tensor, tensors: Mapping[str, torch.Tensor], held: list[str]) -> bool:
         return (self.block_entries is not None and target.numel() > self.block_entries and target.is_contiguous()
@@ -195,12 +190,16 @@ class Materializer:
             base = self._as_float32(blocks[self.base_name][i], "source.base")
             task = {m: self._task_vector(blocks[m][i], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
             out = into if into.dtype == torch.float32 else self.workspace.get("result", base)
-            try:
-                result = merge(base, [task.get(m) for m in inputs], out=out, ws=self.workspace, **kwargs)
-            except ValueError as e:
-                raise RecipeError(f"{method} on tensor {name}: {e}") from None
-            if result is not into:
-                into.copy_(result)
+            self._merge_into(into, merge, base, [task.get(m) for m in inputs], out, kwargs, method, name)
+
+    def _merge_into(self, target, merge, base, deltas, out, kwargs, method: str, name: str) -> None:
+        """merge(...) written into `target` (directly where `out` is it, else copied from scratch)."""
+        try:
+            result = merge(base, deltas, out=out, ws=self.workspace, **kwargs)
+        except ValueError as e:
+            raise RecipeError(f"{method} on tensor {name}: {e}") from None
+        if result is not target:
+            target.copy_(result)
 
     def _as_float32(self, t: torch.Tensor, slot: str) -> torch.Tensor:
         """t in float32: itself when it already is (read-only here), else a copy in scratch."""

@@ -192,17 +192,24 @@ class Recipe:
             extra = " besides the base model" if spec.needs_base and not self.baseless else ""
             raise RecipeError(f"{where}: {self.method} merges {want} model(s){extra}, got {n}")
 
-        for name, setting in self.parameters.items():
-            self._check_param(spec, name, setting, f"{where}: parameters.{name}", top_level=True)
-        for i, entry in enumerate(self.models):
-            for name, setting in entry.parameters.items():
-                self._check_param(spec, name, setting, f"{where}: models[{i}].parameters.{name}", top_level=False)
+        self.check_settings(spec, (self.parameters, f"{where}: parameters"),
+                            [(entry.parameters, f"{where}: models[{i}].parameters") for i, entry in enumerate(self.models)])
         if missing := missing_parameter(spec, [self.parameters], inputs):
             name, model = missing
             if model is None:
                 raise RecipeError(f"{where}: {self.method} needs parameter {name!r}: add it under the top-level parameters")
             raise RecipeError(f"{where}: model {model} has no {name!r} for {self.method}: add it to that model's "
                               "parameters or to the top-level parameters")
+
+    @classmethod
+    def check_settings(cls, spec: MethodSpec, shared: tuple[Mapping[str, Setting], str],
+                       per_model: list[tuple[Mapping[str, Setting], str]]) -> None:
+        """Every parameter of a shared block and of each model's block, as (settings, where) pairs, is one the
+        method takes, at a level it may be set at, with a valid value."""
+        blocks = [(*shared, True), *((settings, at, False) for settings, at in per_model)]
+        for settings, at, top_level in blocks:
+            for name, setting in settings.items():
+                cls._check_param(spec, name, setting, f"{at}.{name}", top_level=top_level)
 
     @staticmethod
     def _check_param(spec: MethodSpec, name: str, setting: Setting, at: str, top_level: bool) -> None:

@@ -308,11 +308,8 @@ def validate(recipe: SlicesRecipe, where: str) -> None:
         if want := spec.model_count_problem(n):
             extra = " besides the base model" if spec.needs_base else ""
             raise RecipeError(f"{at}: {recipe.method} merges {want} model(s){extra} per slice, got {n}")
-        for name, setting in s.parameters.items():
-            Recipe._check_param(spec, name, setting, f"{at}.parameters.{name}", top_level=True)
-        for j, src in enumerate(s.sources):
-            for name, setting in src.parameters.items():
-                Recipe._check_param(spec, name, setting, f"{at}.sources[{j}].parameters.{name}", top_level=False)
+        Recipe.check_settings(spec, (s.parameters, f"{at}.parameters"),
+                              [(src.parameters, f"{at}.sources[{j}].parameters") for j, src in enumerate(s.sources)])
         if missing := missing_parameter(spec, [s.parameters, recipe.parameters], inputs):
             name, model = missing
             if model is None:

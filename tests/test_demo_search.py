@@ -84,7 +84,9 @@ def test_demo_stages_end_to_end(demo_workspace):
                                progress=lambda *a: counted.append(a))
     total = 5 + len(front)
     names = ["base", "adder", "translator", rows[3].name, rows[4].name, *(f["id"] for f in front)]
-    assert counted == [(i, total, name) for i, name in enumerate(names)] + [(total, total, "")]
+    # each model counted once as it finishes (two at a time: in either order)
+    assert counted[0] == (0, total, "") and [c[:2] for c in counted[1:]] == [(i, total) for i in range(1, total + 1)]
+    assert sorted(c[2] for c in counted[1:]) == sorted(names)
     kinds = [r.kind for r in rows]
     assert kinds == ["base"] + ["specialist"] * 2 + ["hand"] * 2 + ["front"] * len(front)
     assert [r.name for r in rows[:3]] == ["base", "adder", "translator"]
@@ -118,8 +120,8 @@ def test_demo_stages_end_to_end(demo_workspace):
 
 @pytest.mark.slow
 def test_run_demo_runs_the_stages_not_done_yet(demo_workspace):
-    """The sequence `evomerge demo` runs: everything the first time (one pool, a plot of the front), then, once
-    finished, only reads back: no pool, nothing scored, the same table."""
+    """The sequence `evomerge demo` runs: everything the first time (one pool for both searches, a plot of the
+    front), then, once finished, only reads back: no pool, nothing scored, the same table."""
     from contextlib import nullcontext
 
     from evomerge.demo.pipeline import DemoInputs, DemoUI, run_demo
@@ -127,7 +129,8 @@ def test_run_demo_runs_the_stages_not_done_yet(demo_workspace):
 
     root, kit = demo_workspace
     inputs = DemoInputs(cache_dir=root / "cache", kit=TINY, run_config=root / "demo.yaml",
-                        calibrate_config=root / "calibrate.yaml", tasks_dir=kit.tasks_dir)
+                        calibrate_config=root / "calibrate.yaml", tasks_dir=kit.tasks_dir,
+                        hybrid=demo.HybridStage(pop_size=4, generations=1))
 
     class Recorder(DemoUI):
         def __init__(self):
@@ -146,12 +149,12 @@ def test_run_demo_runs_the_stages_not_done_yet(demo_workspace):
     pools = []
     ui = Recorder()
     result = run_demo(root / "pipeline", lambda prepared: pools.append(LocalPool(prepared)) or pools[-1], ui, inputs)
-    assert len(pools) == 1 and len(ui.generations) == 2 and len(ui.waits) == 2
+    assert len(pools) == 1 and len(ui.generations) == 2 + 1 and len(ui.waits) == 2  # the hybrid: same workers
     assert (result.run_dir / "front.png").is_file() and (result.run_dir / demo.HAND_FILE).is_file()
     kinds = [r.kind for r in result.rows]
-    assert kinds[:5] == ["base"] + ["specialist"] * 2 + ["hand"] * 2 and set(kinds[5:]) == {"front"}
+    assert kinds[:5] == ["base"] + ["specialist"] * 2 + ["hand"] * 2 and set(kinds[5:]) <= {"front", "hybrid"}
     assert all((result.front_dir / r.name).is_dir() for r in result.rows if r.kind == "front")
-    assert result.summary == demo.summary(result.rows)
+    assert result.summary == demo.summary(result.rows, hybrid_searched=True)
 
     again = Recorder()
     assert run_demo(root / "pipeline", lambda prepared: pytest.fail("a finished demo starts no pool"), again,

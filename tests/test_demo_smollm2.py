@@ -123,10 +123,14 @@ def test_evomerge_demo_on_the_tiny_smollm2_kit(tiny_base, tmp_path, capsys):
 
 
 def _check_the_hybrid_search_starts_from_the_front(run_dir, out):
-    """The hybrid run is seeded with the ps front's genomes, and each seed, a path through its merge's own layers,
-    scores exactly as that merge did in the ps search."""
+    """The hybrid run is seeded with the ps front's genomes; each seed, a path through its merge's own layers,
+    takes the result its merge got in the ps search, and scored for real here, it gets exactly that."""
+    from contextlib import closing
+
+    from evomerge.search.candidates import Candidate
     from evomerge.search.rundir import RunDir
     from evomerge.search.session import open_run, status
+    from evomerge.worker.local_pool import LocalPool
 
     assert "hybrid search:" in out
     ps_run, ps_prepared = open_run(run_dir)
@@ -139,3 +143,11 @@ def _check_the_hybrid_search_starts_from_the_front(run_dir, out):
         seeded = sorted((r for r in ledger.all("ok") if r.generation == 0), key=lambda r: r.index)[:len(front)]
     assert [r.objectives for r in seeded] == [r.objectives for r in ps_records]
     assert all({step[0] for step in r.recipe["path"]} == {"ps_merge"} for r in seeded)
+    assert all(r.worker.startswith("copied from g") for r in seeded)  # not scored again
+    candidates = [Candidate(r.key, r.generation, r.index, list(r.genome), r.recipe, r.seed) for r in seeded]
+    with closing(LocalPool(prepared)) as pool:
+        scored = {result.key: result for result in pool.evaluate(candidates)}
+    for copied in seeded:
+        real = scored[copied.key]
+        assert (real.status, real.responses, real.estimates) == ("ok", copied.responses, copied.estimates)
+        assert real.costs == {k: copied.extra[k] for k in ("params", "path_length")}

@@ -92,17 +92,18 @@ def run_demo(run_dir: Path | None, make_pool: Callable[[Prepared], object], ui: 
         stages.ensure_calibration(ui.log, progress, inputs.calibrate_config)
     run, prepared = stages.open_demo_run(run_dir or stages.DEFAULT_RUN_DIR, inputs.run_config)
     ui.log(f"run directory: {run.path}")
-    if _finished(run, prepared):  # no workers: the hand-recipe scores are read back from the run directory
-        ui.log("search and hand recipes: finished, read from the run directory")
-        hand = stages.score_hand_recipes(prepared, None, run.path, ui.log)
-    else:
-        hand = _search_and_hand_recipes(run, prepared, make_pool, ui)
-    front = status(run, prepared)["front"]
-    fronts = [(run.path, front)]
-    hybrid: list[dict] = []  # the hybrid search's new front members
-    if inputs.hybrid is not None:
-        hybrid, hybrid_dir = _hybrid_search(run, prepared, front, inputs.hybrid, make_pool, ui)
-        fronts.append((hybrid_dir, hybrid))
+    with closing(_SharedPool(make_pool)) as pools:  # the workers go before the held-out scoring needs the cores
+        if _finished(run, prepared):  # no workers: the hand-recipe scores are read back from the run directory
+            ui.log("search and hand recipes: finished, read from the run directory")
+            hand = stages.score_hand_recipes(prepared, None, run.path, ui.log)
+        else:
+            hand = _search_and_hand_recipes(run, prepared, pools, ui)
+        front = status(run, prepared)["front"]
+        fronts = [(run.path, front)]
+        hybrid: list[dict] = []  # the hybrid search's new front members
+        if inputs.hybrid is not None:
+            hybrid, hybrid_dir = _hybrid_search(run, prepared, front, inputs.hybrid, pools, ui)
+            fronts.append((hybrid_dir, hybrid))
     with ui.counting("exporting the front", "models") as progress:
         exported = export_fronts(fronts, ui.log, progress)
     rows = stages.cached_table(run.path, front, hybrid)
@@ -135,38 +136,60 @@ def _searched(run: RunDir, prepared: Prepared) -> bool:
 
 
 def _hybrid_search(ps_run: RunDir, ps_prepared: Prepared, front: list[dict], stage: stages.HybridStage,
-                   make_pool, ui: DemoUI) -> tuple[list[dict], Path]:
+                   pools: _SharedPool, ui: DemoUI) -> tuple[list[dict], Path]:
     """(its new front members, its run directory): the hybrid search seeded with the ps front, run to its
-    budget on workers of its own (resumed if interrupted)."""
+    budget (resumed if interrupted), on the ps search's workers where they are still up."""
     from evomerge.search.session import drive, status
 
     run, prepared = stages.open_hybrid_run(ps_run.path, ps_prepared, front, stage)
     if not _searched(run, prepared):
         ui.log(f"hybrid search: {len(prepared.space.seeds)} front merges seed paths through both specialists' "
                f"and their own layers; run directory {run.path}")
-        searching = ui.searching(stage.generations, prepared.config.algorithm.pop_size)
-        with closing(make_pool(prepared)) as pool, searching as (on_generation, on_result):
+        pool = stages.SeedsScored(pools.get(prepared), ps_run.path, prepared, front)
+        with ui.searching(stage.generations, prepared.config.algorithm.pop_size) as (on_generation, on_result):
             drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
     new = stages.new_front(run, prepared, status(run, prepared)["front"])
     ui.log(f"hybrid search: {len(new)} new front model(s) beside the parameter-space front's own merges")
     return new, run.path
 
 
-def _search_and_hand_recipes(run: RunDir, prepared: Prepared, make_pool, ui: DemoUI) -> dict:
+def _search_and_hand_recipes(run: RunDir, prepared: Prepared, pools: _SharedPool, ui: DemoUI) -> dict:
     """Search to the budget (resumed if interrupted), plot its front, then score the hand recipes on the same
     workers, exactly as candidates are scored."""
     from evomerge.search.plot import FRONT_PLOT, plot_front
     from evomerge.search.session import drive, status
 
     algorithm = prepared.config.algorithm
-    with closing(make_pool(prepared)) as pool:
-        with ui.searching(algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
-            drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
-        png = plot_front(status(run, prepared), run.path / FRONT_PLOT)
-        if png:
-            ui.log(f"front plot: {png}")
-        with ui.waiting("scoring hand recipes (a grid of task_arithmetic and ties) on the search split") as progress:
-            return stages.score_hand_recipes(prepared, _CountedPool(pool, progress or _ignore), run.path, ui.log)
+    pool = pools.get(prepared)
+    with ui.searching(algorithm.generations, algorithm.pop_size) as (on_generation, on_result):
+        drive(run, prepared, pool, on_generation=on_generation, on_result=on_result)
+    png = plot_front(status(run, prepared), run.path / FRONT_PLOT)
+    if png:
+        ui.log(f"front plot: {png}")
+    with ui.waiting("scoring hand recipes (a grid of task_arithmetic and ties) on the search split") as progress:
+        return stages.score_hand_recipes(prepared, _CountedPool(pool, progress or _ignore), run.path, ui.log)
+
+
+class _SharedPool:
+    """One set of workers for both searches: a worker builds only the run's sources and fitness (the driver
+    decodes genomes), which the hybrid run copies from the ps run, so the ps search's workers serve it too
+    (one start of the workers and one load of the sources instead of two). Started on first use."""
+
+    def __init__(self, make_pool: Callable[[Prepared], object]) -> None:
+        self.make_pool, self.pool, self.serves = make_pool, None, None
+
+    def get(self, prepared: Prepared):
+        serves = (prepared.config.sources, prepared.config.fitness)  # what the workers were built from
+        if self.pool is not None and self.serves != serves:
+            self.close()
+        if self.pool is None:
+            self.pool, self.serves = self.make_pool(prepared), serves
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = self.serves = None
 
 
 def export_fronts(fronts: list[tuple[Path, list[dict]]], log, progress: Progress = _ignore) -> dict[str, Path]:

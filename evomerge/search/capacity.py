@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from evomerge.cpus import usable_cpus
 from evomerge.errors import EvomergeError
 
 GPU_QUERY_TIMEOUT_S = 120
@@ -92,11 +93,6 @@ def gpu_free_bytes() -> list[int]:
         return []
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def workers_for(config, *, device: str | None = None, in_process: bool = False, address: str | None = None,
@@ -125,7 +121,7 @@ def workers_for(config, *, device: str | None = None, in_process: bool = False, 
     elif gpu:  # one per GPU (RayPool's default), shared GPUs hold several
         per_node = max(1, int(len(free) / gpus_each)) if free else 1
     else:
-        per_node = max(1, _cpu_count() // 2)
+        per_node = max(1, usable_cpus() // 2)
     device_free = device_memory if device_memory is not None else (min(free) if free else None)
     host = host_memory if host_memory is not None else (mem_available() if local else None)
     said = []

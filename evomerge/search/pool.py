@@ -51,6 +51,7 @@ set_auth_mode()  # before Ray is first imported: its clients read the mode at im
 import ray  # noqa: E402
 from ray import exceptions as rex  # noqa: E402
 
+from evomerge.cpus import usable_cpus
 from evomerge.errors import EvomergeError, one_line
 from evomerge.search.candidates import FAILED, Candidate, EvalResult
 
@@ -122,7 +123,7 @@ class RayPool:
             if address is None:  # a private Ray, on loopback only, without dashboard
                 _loopback_only()
                 # "local": a new instance even when `ray start` runs on this machine (ray.init() would join it)
-                ray.init(address="local", num_cpus=_cpu_count(), include_dashboard=False,
+                ray.init(address="local", num_cpus=usable_cpus(), include_dashboard=False,
                          _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
             else:
                 ray.init(address=address, configure_logging=False)
@@ -322,11 +323,6 @@ def _loopback_only() -> None:
         pass
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 __all__ = ["RayPool", "WorkerStartError"]

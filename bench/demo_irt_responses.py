@@ -39,16 +39,12 @@ def main() -> None:
     paths = {**{n: str(q) for n, q in sources.items()}, "base": str(kit.base)}
     refs = reference_models(list(sources), "base", args.calibration_merges + args.heldout_merges, args.seed)
     n_calib = len(sources) + 1 + args.calibration_merges
-
-    def make_scorer() -> Scorer:  # one per scoring thread
-        return Scorer(tasks=args.tasks.split(","), tokenizer=AutoTokenizer.from_pretrained(kit.base), batch_size=64)
-
-    scorer = make_scorer()
+    scorer = Scorer(tasks=args.tasks.split(","), tokenizer=AutoTokenizer.from_pretrained(kit.base), batch_size=64)
     n_items = sum(scorer.num_items(t) for t in scorer.tasks)
     if args.timing_only:
         return time_anchors(scorer, paths, refs[-3:], n_items)
     start = time.perf_counter()
-    responses = score_references(refs, paths, "base", make_scorer,
+    responses = score_references(refs, paths, "base", scorer,
                                  progress=lambda done, total, name: print(f"\r{done}/{total}", end="", flush=True))
     seconds = time.perf_counter() - start
     print()

@@ -225,18 +225,14 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
                    hybrid: list[dict] = ()) -> list[Scored]:
     """Score the base, the specialists, the best hand recipes and the exported front models (ps `front`, then
     the new members of the `hybrid` search's front) on every test item, and the hand recipes and fronts on every
-    search item too (`Scored.rescored`); two models at a time on a CPU (evomerge.fitness.parallel);
-    `progress(done, total, name)` counts the models (name: the one just done)."""
-    import copy
-    import threading
-
+    search item too (`Scored.rescored`); `progress(done, total, name)` counts the models (name: the one under
+    way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from evomerge.demo.hand import hand_recipes
     from evomerge.fitness.lmeval import Scorer
-    from evomerge.fitness.parallel import score_side_by_side
     from evomerge.merge.recipe import Recipe
     from evomerge.search.rundir import write_atomic
     from evomerge.worker.sources import SourceModels
@@ -244,48 +240,46 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
     hf_logging.disable_progress_bar()
     config = prepared.config
     sources = dict(config.sources.models)
+    scorer = Scorer(list(TEST_TASKS.values()), [tasks_dir],
+                    tokenizer=AutoTokenizer.from_pretrained(config.sources.base_model), batch_size=64)
 
-    def scorers() -> tuple[Scorer, Scorer]:  # (test split, search split), one pair per thread
-        tokenizer = AutoTokenizer.from_pretrained(config.sources.base_model)  # not shared: not thread-safe
-        return (Scorer(list(TEST_TASKS.values()), [tasks_dir], tokenizer=tokenizer, batch_size=64),
-                Scorer(list(SEARCHED), [tasks_dir], tokenizer=tokenizer, batch_size=64))
+    searched = Scorer(list(SEARCHED), [tasks_dir], tokenizer=scorer.tokenizer, batch_size=64)
 
-    def scored(name: str, kind: str, load: Callable, estimated: dict[str, float], rescore: bool):
-        def run(pair: tuple[Scorer, Scorer]) -> Scored:
-            log(f"test split: {name}")
-            model = load()
-            with torch.no_grad():
-                test = pair[0].score(model)
-                searched = pair[1].score(model) if rescore else {}
-            on_test = {t: float(test[test_task].value) for t, test_task in TEST_TASKS.items()}
-            return Scored(name, kind, estimated, on_test, {t: float(searched[t].value) for t in searched})
-        return name, run
+    def test(model) -> dict[str, float]:
+        with torch.no_grad():
+            scores = scorer.score(model)
+        return {t: float(scores[test_task].value) for t, test_task in TEST_TASKS.items()}
 
-    def from_disk(path) -> Callable:
-        return lambda: AutoModelForCausalLM.from_pretrained(path).eval()
+    def rescore(model) -> dict[str, float]:
+        with torch.no_grad():
+            scores = searched.score(model)
+        return {t: float(scores[t].value) for t in SEARCHED}
 
-    jobs = [scored(name, kind, from_disk(path), {}, False)
-            for name, path, kind in [("base", config.sources.base_model, "base"),
-                                     *((name, path, "specialist") for name, path in sources.items())]]
+    rows: list[Scored] = []
+    total = 1 + len(sources) + 2 + len(front) + len(hybrid)  # base, specialists, best hand recipe per method, fronts
+
+    def starting(message: str, name: str) -> None:
+        log(message)
+        progress(len(rows), total, name)
+
+    for name, path, kind in [("base", config.sources.base_model, "base"),
+                             *((name, path, "specialist") for name, path in sources.items())]:
+        starting(f"test split: {name}", name)
+        rows.append(Scored(name, kind, {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
     recipes = hand_recipes(sources, config.sources.base_model)
     materializer = SourceModels(config, prepared.config_dir).materializer  # as the workers build it
-    materializing = threading.Lock()  # one live model: each thread scores its own copy
-
-    def hand_model(name: str) -> Callable:
-        def load():
-            with materializing:
-                return copy.deepcopy(materializer.materialize(Recipe.from_mergekit(recipes[name], name),
-                                                              seed=config.seed))
-        return load
-
     for method in ("task_arithmetic", "ties"):
         name = best_hand(hand, method)
-        jobs.append(scored(name, "hand", hand_model(name), dict(hand[name]), True))
+        starting(f"test split: best {method} ({name})", name)
+        model = materializer.materialize(Recipe.from_mergekit(recipes[name], name), seed=config.seed)
+        rows.append(Scored(name, "hand", dict(hand[name]), test(model), rescore(model)))
     for kind, items in (("front", front), ("hybrid", hybrid)):
         for item in items:
+            starting(f"test split: {kind} model {item['id']}", item["id"])
+            model = AutoModelForCausalLM.from_pretrained(exported[item["id"]]).eval()
             estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
-            jobs.append(scored(item["id"], kind, from_disk(exported[item["id"]]), estimated, True))
-    rows = score_side_by_side(jobs, scorers, progress=progress)
+            rows.append(Scored(item["id"], kind, estimated, test(model), rescore(model)))
+    progress(total, total, "")
     by_estimate = lambda kind: sorted((r for r in rows if r.kind == kind), key=lambda r: -r.estimated_mean)
     rows = [r for r in rows if r.kind in ("base", "specialist", "hand")] + by_estimate("front") + by_estimate("hybrid")
     write_atomic(run_dir / TABLE_FILE, (json.dumps([asdict(r) for r in rows], indent=1) + "\n").encode())

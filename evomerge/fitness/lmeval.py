@@ -400,11 +400,8 @@ class Scorer:
                         by_type.setdefault(inst.request_type, []).append(inst)
             for reqtype, reqs in by_type.items():
                 cloned = [r for r in reqs for _ in range(r.repeats)]
-                # lm-eval prints what it finds on batch size auto (redirected only then: the redirect is
-                # process-wide, so two scorers in threads would leave stdout swapped)
-                hushed = self.batch_size == "auto" and not self.debug
-                with contextlib.redirect_stdout(io.StringIO()) if hushed else contextlib.nullcontext():
-                    resps = getattr(lm, reqtype)(cloned, disable_tqdm=not self.debug)
+                with contextlib.redirect_stdout(io.StringIO()) if not self.debug else contextlib.nullcontext():
+                    resps = getattr(lm, reqtype)(cloned, disable_tqdm=not self.debug)  # (lm-eval prints on auto)
                 for resp, req in zip(resps, cloned, strict=True):
                     req.resps.append(resp)
 

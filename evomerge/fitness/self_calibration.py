@@ -3,19 +3,16 @@
 The reference models are the sources, their base, and seeded random task-arithmetic merges of the
 sources (per-layer weight gradients drawn uniformly in [0, 1]): the kind of model a search visits, so
 the IRT model learns how items behave across merges, with no external leaderboard. Every reference
-model is written in place into one live model by the Materializer and scored (two at a time on a CPU).
+model is written in place into one live model by the Materializer and scored by one Scorer.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,9 +23,6 @@ from evomerge.fitness.responses import Responses, read_responses
 from evomerge.io.paths import check_writable
 from evomerge.merge.recipe import Recipe
 from evomerge.seeds import derive_seed
-
-if TYPE_CHECKING:
-    from evomerge.fitness.lmeval import Scorer, TaskScores
 
 log = logging.getLogger(__name__)
 
@@ -56,34 +50,26 @@ def score_references(
     refs: list[ReferenceModel],
     paths: dict[str, Path],
     base: str,
-    make_scorer: Callable[[], Scorer],
+    scorer,  # evomerge.fitness.lmeval.Scorer
     *,
     device: str = "cpu",
     progress: Callable[[int, int, str], None] = lambda done, total, name: None,
 ) -> dict[str, Responses]:
-    """Full-task responses of each reference model: task -> Responses (rows = refs, columns = doc ids).
-    Two models are scored at a time on a CPU (evomerge.fitness.parallel), each thread with its own scorer."""
-    from evomerge.fitness.parallel import score_side_by_side, scoring_threads
+    """Full-task responses of each reference model: task -> Responses (rows = refs, columns = doc ids)."""
     from evomerge.worker.materializer import Materializer
 
     materializer = Materializer(paths, base, device=device)
-    materializing = threading.Lock()
-    side_by_side = scoring_threads(len(refs), device) > 1  # then each thread scores its own copy of the live model
-
-    def job(ref: ReferenceModel):
-        def run(scorer: Scorer) -> dict[str, TaskScores]:
-            with materializing:
-                model = materializer.materialize(ref.recipe)
-                model = copy.deepcopy(model) if side_by_side else model
-            return scorer.score(model)
-        return ref.name, run
-
-    scores = score_side_by_side([job(ref) for ref in refs], make_scorer, device=device, progress=progress)
-    tasks = list(scores[0]) if scores else []
-    items = {t: [str(i) for i in scores[0][t].item_ids] for t in tasks}
+    rows: dict[str, list[np.ndarray]] = {t: [] for t in scorer.tasks}
+    items: dict[str, list[str]] = {}
+    for k, ref in enumerate(refs):
+        progress(k, len(refs), ref.name)
+        model = materializer.materialize(ref.recipe)
+        for task, scores in scorer.score(model).items():
+            rows[task].append(scores.correct)
+            items[task] = [str(i) for i in scores.item_ids]
+    progress(len(refs), len(refs), "")
     names = [r.name for r in refs]
-    return {t: Responses(names, items[t], np.vstack([s[t].correct for s in scores]), source=f"scores of task {t}")
-            for t in tasks}
+    return {t: Responses(names, items[t], np.vstack(rows[t]), source=f"scores of task {t}") for t in rows}
 
 
 def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda done, total, name: None,
@@ -109,13 +95,10 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
 
         paths = {n: resolve_model(p, search, f"{config_path}: models.{n}") for n, p in config.models.items()}
         paths[config.base_model] = resolve_model(config.base_model, search, f"{config_path}: base_model")
-        def build_scorer() -> Scorer:  # one per scoring thread (a tokenizer is not thread-safe either)
-            return Scorer(tasks=config.task_names, include_paths=[find_path(p, search) for p in config.task_paths],
-                          tokenizer=AutoTokenizer.from_pretrained(paths[config.base_model]),
-                          batch_size=config.batch_size, device=config.device,
-                          scoring={t.task: t.settings() for t in config.tasks})
-
-        scorer = build_scorer()
+        scorer = Scorer(tasks=config.task_names, include_paths=[find_path(p, search) for p in config.task_paths],
+                        tokenizer=AutoTokenizer.from_pretrained(paths[config.base_model]),
+                        batch_size=config.batch_size, device=config.device,
+                        scoring={t.task: t.settings() for t in config.tasks})
         scoring = {t: scorer.settings(t) for t in config.task_names}  # resolved: the task defaults by name
         for task in config.task_names:
             if config.anchors > scorer.num_items(task):
@@ -123,9 +106,7 @@ def calibrate(config: CalibrationConfig, config_path: Path, *, progress=lambda d
                                   f"only {scorer.num_items(task)} items: lower anchors")
         refs = reference_models(list(config.models), config.base_model, config.reference_merges, config.seed)
         start = time.perf_counter()
-        unused = [scorer]  # the first thread takes this one
-        responses = score_references(refs, paths, config.base_model, lambda: unused.pop() if unused else build_scorer(),
-                                     device=config.device, progress=progress)
+        responses = score_references(refs, paths, config.base_model, scorer, device=config.device, progress=progress)
         log.info("scored %d reference models in %.1f s", len(refs), time.perf_counter() - start)
     calibration = fit_calibration(responses, n_anchors=config.anchors, seed=config.seed,
                                   anchor_method=config.anchor_method, sources=list(config.models))

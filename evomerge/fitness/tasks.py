@@ -16,7 +16,6 @@ import io
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,29 +62,18 @@ def chatty_loggers() -> list[logging.Logger]:
     ]
 
 
-_muting = threading.Lock()
-_muted_by: dict[logging.Logger, int] = {}  # logger -> how many `muted` blocks hold it disabled now
-
-
 @contextlib.contextmanager
 def muted(loggers: Sequence[logging.Logger]) -> Iterator[None]:
     """Like `quiet` for the logs only, and cheap enough for every call: `Logger.setLevel` clears the level
-    caches of every logger (milliseconds with transformers imported), so this flips `disabled` instead.
-    Blocks may overlap (models scored side by side in threads): a logger comes back when the last one ends."""
-    with _muting:
-        held = [lg for lg in loggers if lg in _muted_by or not lg.disabled]
-        for lg in held:
-            _muted_by[lg] = _muted_by.get(lg, 0) + 1
-            lg.disabled = True
+    caches of every logger (milliseconds with transformers imported), so this flips `disabled` instead."""
+    flipped = [lg for lg in loggers if not lg.disabled]
+    for lg in flipped:
+        lg.disabled = True
     try:
         yield
     finally:
-        with _muting:
-            for lg in held:
-                _muted_by[lg] -= 1
-                if not _muted_by[lg]:
-                    del _muted_by[lg]
-                    lg.disabled = False
+        for lg in flipped:
+            lg.disabled = False
 
 
 def resolve_data_files(cfg: dict[str, Any], base_dir: Path, yaml_path: Path, task: str) -> dict[str, Any]:

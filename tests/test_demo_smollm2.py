@@ -22,10 +22,10 @@ def tiny_base(tmp_path_factory):
     """The converted base cut to 2 layers (what the tiny kit fine-tunes), built once for the module; the
     conversion sits where a kit in `root` finds it (converting takes ~40 s)."""
     from evomerge.demo.smollm2 import convert
-    from evomerge.demo.smollm2_kit import CONVERTED, _truncated
+    from evomerge.demo.smollm2_kit import CONVERTED, _kit_base
 
     root = tmp_path_factory.mktemp("smol")
-    return _truncated(convert(root / CONVERTED), root / "base", 2), root
+    return _kit_base(convert(root / CONVERTED), root / "base", 2, "float32"), root
 
 
 class _Stop(Exception):
@@ -66,6 +66,10 @@ def test_tiny_finetune_learns_and_resumes_to_the_same_weights(tiny_base):
         finetune(base, root / "cut", root / "cut.work", adder, settings, progress=stop_after_4)
     assert [p.name for p in (root / "cut.work").iterdir()] == [STATE.format(3)]  # the last saved step, alone
     assert not (root / "cut").exists()
+    with pytest.raises(_Stop):  # saves wait for save_after seconds of training: none in 4 quick steps
+        finetune(base, root / "slow", root / "slow.work", adder, replace(settings, save_after=3600),
+                 progress=stop_after_4)
+    assert not (root / "slow.work").exists()
     seen.clear()
     resumed = finetune(base, root / "cut", root / "cut.work", adder, settings, progress=lambda d, t, n: seen.append(d))
     assert seen == [3, 4, 5, 6, 7, 8]  # from the saved step, not from zero

@@ -265,7 +265,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
     for name, path, kind in [("base", config.sources.base_model, "base"),
                              *((name, path, "specialist") for name, path in sources.items())]:
         starting(f"test split: {name}", name)
-        rows.append(Scored(name, kind, {}, test(AutoModelForCausalLM.from_pretrained(path).eval())))
+        rows.append(Scored(name, kind, {}, test(AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval())))
     recipes = hand_recipes(sources, config.sources.base_model)
     materializer = SourceModels(config, prepared.config_dir).materializer  # as the workers build it
     for method in ("task_arithmetic", "ties"):
@@ -276,7 +276,7 @@ def held_out_table(prepared, run_dir: Path, hand: Mapping[str, Mapping[str, floa
     for kind, items in (("front", front), ("hybrid", hybrid)):
         for item in items:
             starting(f"test split: {kind} model {item['id']}", item["id"])
-            model = AutoModelForCausalLM.from_pretrained(exported[item["id"]]).eval()
+            model = AutoModelForCausalLM.from_pretrained(exported[item["id"]], dtype="auto").eval()
             estimated = {t: float(item["objectives"][t]) for t in SEARCHED}
             rows.append(Scored(item["id"], kind, estimated, test(model), rescore(model)))
     progress(total, total, "")

@@ -5,8 +5,8 @@ stay as the base has them), on short prompt/answer pairs with the loss on the an
 several times cheaper per step than training everything, and it keeps the task vectors confined to a few
 tensors, which is what merges of specialists want.
 
-Resumable: every `save_every` steps the trainable tensors, AdamW's state and the losses so far are written
-into `work/step-N/` (built aside, renamed into place, and only then is the previous step deleted: a saved
+Resumable: every `save_every` steps, once `save_after` seconds have passed since the last save, the trainable
+tensors, AdamW's state and the losses so far are written into `work/step-N/` (built aside, renamed into place, and only then is the previous step deleted: a saved
 step exists at every moment), and a later call continues from the last saved step.
 Batches are a pure function of (seed, step) and the learning rate a pure function of the step, so a resumed
 run computes the same steps as an uninterrupted one (same weights on the same machine and thread count).
@@ -41,7 +41,10 @@ class Finetune:
     lr: float = 3e-4
     warmup: int = 4  # steps of linear warmup, then cosine decay to 10% of lr
     first_layer: int = 15  # the MLPs of layers first_layer.. train; everything else is frozen
-    save_every: int = 10  # steps between saved states (a state of the default subset is ~0.5 GB)
+    save_every: int = 10  # steps between saved states, at least (a state of the default subset is ~0.5 GB)
+    # and seconds of training since the last save: the adder's state (80M trained parameters and AdamW's
+    # moments) is ~1 GB, ~14 s to write on a slow disk, more than 10 of its steps take
+    save_after: float = 30.0
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -57,9 +60,11 @@ def trainable_names(model, first_layer: int) -> list[str]:
 
 
 def finetune(base: Path, out: Path, work: Path, batches: Batches, settings: Finetune, *, name: str = "",
-             tokenizer=None, progress: Progress | None = None, log: Log | None = None) -> list[float]:
-    """Fine-tune the checkpoint `base` and save it to `out` (safetensors, with the base's tokenizer and chat
-    template), resuming from `work/` if an earlier call was interrupted; returns every step's loss.
+             dtype: str = "float32", tokenizer=None, progress: Progress | None = None, log: Log | None = None,
+             ) -> list[float]:
+    """Fine-tune the checkpoint `base` (in float32) and save it to `out` in `dtype` (safetensors, with the base's
+    tokenizer and chat template), resuming from `work/` if an earlier call was interrupted; returns every step's
+    loss.
     `progress(steps done, steps, name)` after each step (and once at the start with the steps already done)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -88,7 +93,7 @@ def finetune(base: Path, out: Path, work: Path, batches: Batches, settings: Fine
         log(f"  {name}: resuming at step {start}/{settings.steps} (saved in {work})")
     progress(start, settings.steps, name)
     model.train()
-    t0 = time.perf_counter()
+    t0 = saved = time.perf_counter()
     for step in range(start, settings.steps):
         for group in opt.param_groups:
             group["lr"] = settings.lr_at(step)
@@ -99,13 +104,15 @@ def finetune(base: Path, out: Path, work: Path, batches: Batches, settings: Fine
         opt.step()
         losses.append(loss.item())
         progress(step + 1, settings.steps, name)
-        if (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+        if ((step + 1) % settings.save_every == 0 and step + 1 < settings.steps
+                and time.perf_counter() - saved >= settings.save_after):
             _save_state(work, model, opt, names, losses)
+            saved = time.perf_counter()
         if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
             recent = losses[-settings.save_every:]
             log(f"  {name}: step {step + 1}/{settings.steps}  loss {sum(recent) / len(recent):.3f}  "
                 f"({(time.perf_counter() - t0) / max(1, step + 1 - start):.1f} s/step)")
-    model.eval()
+    model.eval().to(getattr(torch, dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -6,8 +6,9 @@ several times cheaper per step than training everything, and it keeps the task v
 tensors, which is what merges of specialists want.
 
 Resumable: every `save_every` steps, once `save_after` seconds have passed since the last save, the trainable
-tensors, AdamW's state and the losses so far are written into `work/step-N/` (built aside, renamed into place, and only then is the previous step deleted: a saved
-step exists at every moment), and a later call continues from the last saved step.
+tensors, AdamW's state and the losses so far are written into `work/step-N/` (built aside, renamed into
+place, and only then is the previous step deleted: a saved step exists at every moment), and a later call
+continues from the last saved step.
 Batches are a pure function of (seed, step) and the learning rate a pure function of the step, so a resumed
 run computes the same steps as an uninterrupted one (same weights on the same machine and thread count).
 """

@@ -93,8 +93,6 @@ def gpu_free_bytes() -> list[int]:
         return []
 
 
-
-
 def workers_for(config, *, device: str | None = None, in_process: bool = False, address: str | None = None,
                 device_memory: int | None = None, host_memory: int | None = None,
                 workers: int | None = None) -> Workers:

@@ -124,3 +124,21 @@ def test_a_dfs_search_runs_on_ray(workspace, pool):
     assert state["evaluations"]["done"] == len(rows) and all(r["status"] == "ok" for r in rows)
     assert {r["worker"] for r in rows} == {"worker-0", "worker-1"}
     assert any(f["objectives"]["cost:path_length"] > 0 for f in state["front"])
+
+
+def test_a_second_pool_without_free_cpus_fails_at_once(workspace, pool):
+    """While a pool's workers hold this machine's CPUs, another pool in the process would wait for them for
+    start_timeout_s (Ray only queues it): it says so in one line instead."""
+    import time
+
+    from evomerge.search.pool import RayPool, WorkerStartError
+
+    config = yaml.safe_load((workspace / "run.yaml").read_text())
+    config["workers"]["count"] = int(ray.cluster_resources()["CPU"])  # more than is free beside `pool`
+    (workspace / "greedy.yaml").write_text(yaml.safe_dump(config))
+    _, prepared = create_run(workspace / "greedy.yaml", workspace / "runs" / "greedy")
+    start = time.monotonic()
+    with pytest.raises(WorkerStartError, match="are free .*close that pool first, or lower workers.count"):
+        RayPool(prepared, Evaluator)
+    assert time.monotonic() - start < 60
+    assert ray.is_initialized()  # the first pool's Ray (and workers) are untouched

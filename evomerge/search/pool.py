@@ -143,6 +143,13 @@ class RayPool:
                     f"workers: one worker needs {need_cpu:g} CPU and {need_gpu:g} GPU, but the Ray cluster has "
                     f"{cpus:g} CPU and {gpus:g} GPU in all: lower workers.cpus_per_worker / "
                     "workers.gpus_per_worker in the run config")
+            if address is None:  # this machine's Ray: no other node will come, so waiting would be forever
+                free = float(ray.available_resources().get("CPU", 0))
+                if need_cpu * self.count > free:
+                    raise WorkerStartError(
+                        f"workers: {self.count} worker(s) need {need_cpu * self.count:g} CPU, but {free:g} of "
+                        f"this machine's {cpus:g} are free (another worker pool in this process holds the rest): "
+                        "close that pool first, or lower workers.count")
             self._env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
             if workers.sources == "object_store":  # read here once; kept (referenced) while the pool lives
                 from evomerge.search.shipping import pack

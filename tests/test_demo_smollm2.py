@@ -118,6 +118,10 @@ def test_evomerge_demo_on_the_tiny_smollm2_kit(tiny_base, tmp_path, capsys):
     root = kit_root(cache, kit_config("tiny"))
     assert all((root / name / "model.safetensors").is_file() for name in ("base", "adder", "translator"))
     assert (root / "calibration.json").is_file() and not list(root.glob(".*.work"))
+    from evomerge.demo.smollm2_kit import native_dtype
+
+    stored = {json.loads((root / name / "config.json").read_text())["dtype"] for name in ("base", "adder", "translator")}
+    assert stored == {native_dtype()}  # the kit in the CPU's native dtype (bfloat16 with AVX512-BF16/AMX)
     rows = json.loads((tmp_path / "run" / demo.TABLE_FILE).read_text())
     assert [r["kind"] for r in rows[:5]] == ["base"] + ["specialist"] * 2 + ["hand"] * 2 and rows[5]["kind"] == "front"
     assert all(set(r["test"]) == set(demo.TEST_TASKS) for r in rows)

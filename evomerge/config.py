@@ -199,11 +199,19 @@ class AlgorithmConfig(_Strict):
 class WorkersConfig(_Strict):
     count: int | None = Field(None, ge=1, description="Ray workers (default: one per GPU, else 1 per 2 CPUs)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0: CPU workers)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0: CPU workers; below 1: GPUs shared; "
+                                   "2 or more: each worker's model split by layers over that many GPUs)")
     max_retries: int = Field(2, ge=0, description="retries of a candidate whose worker died")
     sources: Literal["path", "object_store"] = Field("path", description="how workers get models, calibration "
                                                      "and tasks: path (read where the config says, on every node) or "
                                                      "object_store (the driver ships them; cached per node)")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"{v:g} GPUs cannot be split into: above 1, use a whole number of GPUs per worker")
+        return v
 
 
 class RunConfig(_Strict):

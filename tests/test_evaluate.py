@@ -247,3 +247,20 @@ def test_a_data_flow_worker_holds_only_its_sources_weights(setup):
     assert ev.sources.store.held_bytes() == held
     store_ptrs = {t.data_ptr() for t in ev.sources.store.tensors(SOURCES["a"]).values()}
     assert all(p.data_ptr() in store_ptrs for p in ev.sources.loaded[SOURCES["a"]].parameters())
+
+
+@pytest.mark.slow
+def test_a_worker_split_over_devices_scores_as_one_device(setup, evaluator):
+    """workers.gpus_per_worker >= 2: every model split by layers (here over two CPU 'devices', so the hooks
+    move nothing; bench/gpu_check.sh runs a split across real devices). Same results for every kind."""
+    root, config = setup
+    split = Evaluator(config, root, worker="w0", node="n0", devices=["cpu", "cpu"])
+    assert len(split.sources.split.starts) == 2  # both devices hold layers
+    for preset, key in [("ps_task_arithmetic", "ps0"), ("dfs_paths", "d0"), ("hybrid", "h1")]:
+        cand = _candidate(preset, evaluator, key, pick=1 if preset == "hybrid" else 0)
+        r = split.evaluate(cand)
+        _check_ok(r, split)
+        assert _same(r, evaluator.evaluate(cand))
+    layers = split.materializer.model.model.layers
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in layers)
+    assert split.sources.loaded[SOURCES["a"]].model.layers[3]._forward_pre_hooks

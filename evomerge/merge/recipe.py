@@ -290,12 +290,18 @@ def evaluate(value: Value, t: float) -> float | bool:
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
+def layer_index(tensor_name: str) -> int | None:
+    """The decoder layer a checkpoint tensor belongs to (the first `.N.` in its name), None outside the layers."""
+    m = _LAYER.search(tensor_name)
+    return None if m is None else int(m.group(1))
+
+
 def layer_position(tensor_name: str, num_layers: int) -> float:
     """t of a tensor for gradients: layer i of L -> i / (L - 1) (1 if L == 1); other tensors -> 0."""
-    m = _LAYER.search(tensor_name)
-    if m is None:
+    i = layer_index(tensor_name)
+    if i is None:
         return 0.0
-    return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def to_setting(raw: Any, at: str) -> Setting:

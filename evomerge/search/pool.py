@@ -80,7 +80,8 @@ class _EvalActor:
         self.evaluator = evaluator(config, config_dir, device=device, worker=worker, node=self.node)
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "node": self.node, "device": str(self.evaluator.device),
+        split = self.evaluator.sources.split
+        return {"pid": os.getpid(), "node": self.node, "device": split.describe() if split else str(self.evaluator.device),
                 "worker": self.evaluator.worker, "sources": {ref: str(p) for ref, p in self.local.items()}}
 
     def evaluate(self, cand: Candidate) -> EvalResult:

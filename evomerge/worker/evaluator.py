@@ -41,9 +41,13 @@ class ForwardClock:
     lm-eval's request handling, tokenization and answer extraction). On a GPU both ends synchronize, so the
     time is the kernels', not their launch's."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, devices: list[torch.device]) -> None:
         self.model, self.seconds, self._started = model, 0.0, 0.0
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})  # a split model runs on several
+
+    def _sync(self) -> None:
+        for i in self._cuda:
+            torch.cuda.synchronize(i)
 
     def __enter__(self) -> ForwardClock:
         self._hooks = [self.model.register_forward_pre_hook(self._start),
@@ -69,7 +73,8 @@ class Evaluator:
     and the calibration."""
 
     def __init__(self, config: RunConfig, config_dir: str | Path, *, device: str | torch.device = "cpu",
-                 worker: str = "local", node: str | None = None) -> None:
+                 worker: str = "local", node: str | None = None, devices=None) -> None:
+        """devices: split the models by layers over these (default: see evomerge.worker.layer_split)."""
         from transformers import AutoTokenizer
 
         from evomerge.fitness.calibration import Calibration
@@ -77,11 +82,12 @@ class Evaluator:
 
         self.config = config
         self.config_dir = Path(config_dir).resolve()
-        self.device = torch.device(device)
         self.worker = worker
         self.node = node if node is not None else socket.gethostname()
         search = [self.config_dir, Path.cwd()]
-        self.sources = SourceModels(config, self.config_dir, self.device)  # each part built on first use
+        self.sources = SourceModels(config, self.config_dir, device, devices)  # each part built on first use
+        self.device = self.sources.device  # where inputs go in and logits come out (a split's first device)
+        self.devices = list(self.sources.split.devices) if self.sources.split else [self.device]
         self._ps_params: int | None = None  # parameters of a parameter-space merge (tied tensors once)
         self._checked: set[str] = set()  # live source models whose weights were checked
 
@@ -112,7 +118,7 @@ class Evaluator:
         try:
             model, costs = self._materialize(cand, timings)
             t = time.perf_counter()
-            with ForwardClock(model, self.device) as forward:
+            with ForwardClock(model, self.devices) as forward:
                 scores = self.scorer.score(model, self._anchor_ids)
             timings["score"] = time.perf_counter() - t
             timings["forward"] = forward.seconds

@@ -29,6 +29,7 @@ from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
 from evomerge.merge.specs import BLOCK_ENTRIES
 from evomerge.seeds import derive_seed
+from evomerge.worker.layer_split import LayerSplit, place
 from evomerge.worker.source_store import SourceStore
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,19 +63,21 @@ class Materializer:
         placement: str = "device",
         selection_cache: bool | None = None,
         store: SourceStore | None = None,
+        split: LayerSplit | None = None,
     ) -> None:
         """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
         fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes).
         storage_dtype, placement: how the sources are held (see SourceStore); store: one already holding
         them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
-        magnitudes / row ranks per task vector (None: on for a CPU device)."""
+        magnitudes / row ranks per task vector (None: on for a CPU device). split: the layers spread over
+        several devices (the store's split where a store is given)."""
         if base not in sources:
             raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
         self.device = torch.device(device)
         if store is None:
             checkpoints = {name: Checkpoint.open(path, allow_pickle=allow_pickle) for name, path in sources.items()}
             check_compatible(list(checkpoints.values()))
-            store = SourceStore(checkpoints, device=self.device, dtype=storage_dtype, placement=placement)
+            store = SourceStore(checkpoints, device=self.device, dtype=storage_dtype, placement=placement, split=split)
         self.store = store
         self.checkpoints = {name: store.checkpoints[name] for name in sources}
         self.base_name = base
@@ -107,9 +110,14 @@ class Materializer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(self.reference.path)
-        with torch.device(self.device), skip_weight_init():  # every weight is overwritten by materialize
+        split = self.store.split
+        # every weight is overwritten by materialize; a split model is built in host memory that is never
+        # touched (the pages are not even mapped) and moved to its devices a layer at a time
+        with torch.device("cpu" if split else self.device), skip_weight_init():
             model = AutoModelForCausalLM.from_config(config, dtype=self.model_dtype)
         model.tie_weights()  # skipped along with the initialization
+        if split:
+            place(model, split)
         model.eval()
         state = model.state_dict()  # detached tensors sharing storage with the parameters
         missing = [n for n in self.names if n not in state]
@@ -138,7 +146,7 @@ class Materializer:
         The tensors are reused by the next call: copy them to keep them."""
         if self._plain is None:
             self._plain = {n: torch.empty(m.shape, dtype=self.model_dtype if m.dtype.is_floating_point else m.dtype,
-                                          device=self.device) for n, m in self.reference.tensors.items()}
+                                          device=self.store.device_of(n)) for n, m in self.reference.tensors.items()}
         self._write(recipe, self._plain, seed)
         return self._plain
 

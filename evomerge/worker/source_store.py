@@ -8,6 +8,8 @@ dtype's size. Placement:
   staging slots: while the caller merges tensor i from one slot, tensor i+1 is copied into the other on a
   side CUDA stream, so the device holds only the live model, the staging slots and scratch.
 On a CPU device host placement runs the same staging code with plain copies (what the tests check).
+A worker split over several devices (evomerge.worker.layer_split) holds or stages each tensor on its
+layer's device.
 Sources are loaded on first use, so a data-flow search that touches two models reads two.
 """
 
@@ -19,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from evomerge.io.checkpoint import Checkpoint
+from evomerge.worker.layer_split import LayerSplit
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PLACEMENTS = ("device", "host")
@@ -39,18 +42,24 @@ class SourceStore:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = "auto",
         placement: str = "device",
+        split: LayerSplit | None = None,
     ) -> None:
         if placement not in PLACEMENTS:
             raise ValueError(f"sources.placement must be one of {', '.join(PLACEMENTS)} (got {placement!r})")
         self.checkpoints = dict(checkpoints)
         self.device = torch.device(device)
+        self.split = split
         self.placement = placement
         first = next(iter(self.checkpoints.values()))
         self.dtype = storage_dtype(dtype, first.dtype)
         self.home = self.device if placement == "device" else torch.device("cpu")
         self._pin = placement == "host" and self.device.type == "cuda"
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
-        self._staging: list[dict[tuple, torch.Tensor]] = [{}, {}]  # slot -> (model, dtype) -> flat device buffer
+        self._staging: list[dict[tuple, torch.Tensor]] = [{}, {}]  # slot -> (model, dtype, device) -> flat buffer
+
+    def device_of(self, name: str) -> torch.device:
+        """The device tensor `name` is merged on: its layer's where the worker is split, else the worker's."""
+        return self.device if self.split is None else self.split.device_of(name)
 
     # -- holding ----------------------------------------------------------------------------------
     def tensors(self, model: str) -> dict[str, torch.Tensor]:
@@ -58,9 +67,12 @@ class SourceStore:
         integer tensors as stored."""
         if model not in self._tensors:
             held = {}
-            for name, t in self.checkpoints[model].iter_tensors(device=self.home):
+            spread = self.split is not None and self.placement == "device"
+            for name, t in self.checkpoints[model].iter_tensors(device="cpu" if spread else self.home):
                 if t.dtype.is_floating_point and t.dtype != self.dtype:
                     t = t.to(self.dtype)
+                if spread:
+                    t = t.to(self.device_of(name))
                 held[name] = t.pin_memory() if self._pin else t
             self._tensors[model] = held
         return self._tensors[model]
@@ -91,44 +103,53 @@ class SourceStore:
 
     def _staged(self, names, models, held) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         cuda = self.device.type == "cuda"
-        copier = torch.cuda.Stream(self.device) if cuda else None
-        ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        free = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        copiers: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per device
+        ready: dict[int, torch.cuda.Event] = {}  # slot -> its copies are done
+        free: dict[tuple[int, torch.device], torch.cuda.Event] = {}  # (slot, device) -> the caller is done with it
         views: list[dict[str, torch.Tensor]] = [{}, {}]
 
         def stage(i: int) -> None:
             slot, name = i % 2, names[i]
-            with torch.cuda.stream(copier) if cuda else nullcontext():
+            dev = self.device_of(name)
+            if cuda and dev not in copiers:
+                copiers[dev] = torch.cuda.Stream(dev)
+            with torch.cuda.stream(copiers[dev]) if cuda else nullcontext():
                 if cuda:
-                    copier.wait_event(free[slot])  # the merge of tensor i-2 is done with this slot
+                    copiers[dev].wait_event(free[slot, dev])  # the merge of the slot's last tensor is done
                 for m in models:
                     src = held[m][name]
-                    buf = self._slot(slot, m, src)
+                    buf = self._slot(slot, m, src, dev)
                     buf.copy_(src.reshape(-1), non_blocking=cuda)
                     views[slot][m] = buf.view(src.shape)
                 if cuda:
-                    ready[slot].record(copier)
+                    ready[slot] = torch.cuda.Event()
+                    ready[slot].record(copiers[dev])
 
-        if cuda:
-            for e in free:
-                e.record(torch.cuda.current_stream(self.device))
+        if cuda:  # earlier calls' work on the staging slots may still be queued on the devices' streams
+            for dev in {self.device_of(n) for n in names}:
+                for slot in range(2):
+                    free[slot, dev] = torch.cuda.Event()
+                    free[slot, dev].record(torch.cuda.current_stream(dev))
         if names:
             stage(0)
         for i, name in enumerate(names):
             if i + 1 < len(names):
                 stage(i + 1)  # overlaps the caller's work on tensor i (on CUDA; in order on CPU)
-            slot = i % 2
+            slot, dev = i % 2, self.device_of(name)
             if cuda:
-                torch.cuda.current_stream(self.device).wait_event(ready[slot])
+                torch.cuda.current_stream(dev).wait_event(ready[slot])
             yield name, dict(views[slot])
             if cuda:
-                free[slot].record(torch.cuda.current_stream(self.device))
+                free[slot, dev] = torch.cuda.Event()
+                free[slot, dev].record(torch.cuda.current_stream(dev))
 
-    def _slot(self, slot: int, model: str, like: torch.Tensor) -> torch.Tensor:
-        """The staging buffer of one model in one slot, grown to the largest tensor seen (dtype as held)."""
-        key = (model, like.dtype)
+    def _slot(self, slot: int, model: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The staging buffer of one model in one slot on one device, sized to the largest tensor staged
+        there (dtype as held)."""
+        key = (model, like.dtype, device)
         buf = self._staging[slot].get(key)
         if buf is None:
-            largest = max(t.numel() for t in self._tensors[model].values() if t.dtype == like.dtype)
-            buf = self._staging[slot][key] = torch.empty(largest, dtype=like.dtype, device=self.device)
+            largest = max(t.numel() for n, t in self._tensors[model].items()
+                          if t.dtype == like.dtype and self.device_of(n) == device)
+            buf = self._staging[slot][key] = torch.empty(largest, dtype=like.dtype, device=device)
         return buf[: like.numel()]

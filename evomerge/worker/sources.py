@@ -10,6 +10,7 @@ Models are named as recipes name them: by the config's path strings ("references
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,11 +19,15 @@ from evomerge.config import RunConfig
 from evomerge.errors import RecipeError
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.paths import resolve_model
+from evomerge.worker.layer_split import LayerSplit, place, worker_devices
 from evomerge.worker.source_store import SourceStore
 
 
 class SourceModels:
-    def __init__(self, config: RunConfig, config_dir: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, config: RunConfig, config_dir: str | Path, device: str | torch.device = "cpu",
+                 devices: Sequence[str | torch.device] | None = None) -> None:
+        """devices: split every model by layers over these (default: the worker's GPUs where
+        workers.gpus_per_worker >= 2, see evomerge.worker.layer_split)."""
         from transformers import AutoConfig
 
         from evomerge.worker.routed import num_layers
@@ -40,7 +45,16 @@ class SourceModels:
         self.layers = {ref: num_layers(AutoConfig.from_pretrained(p)) for ref, p in self.paths.items()}
         self.device = torch.device(device)
         checkpoints = {ref: Checkpoint.open(p) for ref, p in self.paths.items()}
-        self.store = SourceStore(checkpoints, device=self.device, dtype=src.storage_dtype, placement=src.placement)
+        if devices is None:
+            devices = worker_devices(self.device, config.workers.gpus_per_worker)
+        self.split = None
+        if devices is not None:
+            base = checkpoints[self.base_ref]
+            self.split = LayerSplit.for_checkpoint(devices, {n: m.nbytes for n, m in base.tensors.items()},
+                                                   self.layers[self.base_ref])
+            self.device = self.split.first
+        self.store = SourceStore(checkpoints, device=self.device, dtype=src.storage_dtype, placement=src.placement,
+                                 split=self.split)
         self.dtype = self.store.dtype  # of every live model: routed paths mix their layers
         self.selection_cache = {"auto": None, "on": True, "off": False}[src.selection_cache]
         self._materializer = None
@@ -81,22 +95,24 @@ class SourceModels:
         if ref not in self._live:
             if ref not in self.paths:
                 raise RecipeError(f"model {ref!r} is not one of this run's sources ({', '.join(self.paths)})")
-            self._live[ref] = model_around(self.paths[ref], self.store.tensors(ref), self.device, self.dtype)
+            self._live[ref] = model_around(self.paths[ref], self.store.tensors(ref), self.device, self.dtype,
+                                           self.split)
         return self._live[ref]
 
 
-def model_around(path: Path, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The transformers model of checkpoint `path` whose parameters are `tensors` (moved to `device` where
-    they are not there yet). Built with skipped initialization, then its parameters are swapped for the
-    tensors: the freshly allocated ones are freed at once."""
+def model_around(path: Path, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 split: LayerSplit | None = None) -> torch.nn.Module:
+    """The transformers model of checkpoint `path` whose parameters are `tensors` (moved to `device`, or to
+    their layer's device of `split`, where they are not there yet). Built with skipped initialization, then its
+    parameters are swapped for the tensors: the freshly allocated ones are freed at once."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from evomerge.worker.materializer import skip_weight_init
 
     config = AutoConfig.from_pretrained(path)
-    with torch.device(device), skip_weight_init():
+    with torch.device("cpu" if split else device), skip_weight_init():  # split: untouched host pages, then placed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {n: t.to(device) for n, t in tensors.items()}
+    state = {n: t.to(split.device_of(n) if split else device) for n, t in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # a tied head shares the embedding it was not saved apart from
     tied = {n for n, t in model.state_dict().items() if any(t.data_ptr() == s.data_ptr() for s in state.values())}
@@ -105,4 +121,6 @@ def model_around(path: Path, tensors: dict[str, torch.Tensor], device: torch.dev
         name = (unexpected or untied)[0]
         raise RecipeError(f"{path}: tensor {name} has no counterpart in {type(model).__name__} as built by this "
                           "transformers version" if unexpected else f"{path}: the checkpoint lacks tensor {name}")
+    if split:
+        place(model, split)  # the assigned tensors are where they belong already; buffers move, hooks go on
     return model.eval()

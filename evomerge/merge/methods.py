@@ -287,25 +287,61 @@ def l1_rescale(delta: Tensor, part: Part, delta_l1: float | None = None) -> floa
 # norms, for rescale).
 
 
-@implements("linear")
-def linear(base, deltas, *, weight, normalize, out=None, ws=None):
-    out = _out(out, base)
+@dataclass(frozen=True)
+class WeightedSum:
+    """merged = base x scale + sum_i coefs_i x delta_i, entry by entry: what linear and task arithmetic compute.
+    Being entry-wise, it gives the same bits applied block by block as applied to a whole tensor (what CPU
+    workers do to keep their float32 scratch in the cache)."""
+
+    scale: float
+    coefs: tuple[float, ...]  # one per delta; a None delta (the base's own) adds nothing
+
+    def apply(self, base: Tensor, deltas: Sequence[Tensor | None], out: Tensor) -> Tensor:
+        terms = [(c, d) for c, d in zip(self.coefs, deltas) if d is not None]
+        first = base
+        if self.scale != 1.0:  # x * 1.0 == x exactly: one pass fewer
+            first = torch.mul(base, self.scale, out=out)
+        if not terms:
+            return out if first is out else out.copy_(base)
+        (c, d), rest = terms[0], terms[1:]
+        torch.add(first, d, alpha=c, out=out)  # == out = first; out += c * d (one fused multiply-add per entry)
+        for c, d in rest:
+            out.add_(d, alpha=c)
+        return out
+
+
+def linear_sum(present: Sequence[bool], *, weight, normalize, **_) -> WeightedSum:
+    """linear's terms: sum_i w_i (base + delta_i) / divisor = base * total / divisor + sum_i (w_i / divisor) delta_i."""
     total = sum(weight)
     if normalize and total == 0:
         raise ValueError("linear weights sum to 0, so they cannot be normalized: change a weight or set normalize: false")
     divisor = total if normalize else 1.0
-    # sum_i w_i (base + delta_i) / divisor = base * total / divisor + sum_i (w_i / divisor) delta_i
-    # (plain ops: a streaming pass each, which a compiled kernel does not beat here)
-    torch.mul(base, total / divisor, out=out)
-    for w, d in zip(weight, deltas):
-        if d is not None:
-            out.add_(d, alpha=w / divisor)
-    return out
+    return WeightedSum(total / divisor, tuple(w / divisor for w in weight))
+
+
+def task_arithmetic_sum(present: Sequence[bool], *, weight, lam, normalize, **_) -> WeightedSum:
+    """task arithmetic's terms: base + sum_i w_i * lam / divisor * delta_i; the divisor (normalize) sums the
+    weights of the models that have a task vector (the base's own zero one is left out, as mergekit does)."""
+    divisor = sum(w for w, p in zip(weight, present) if p) if normalize else 1.0
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    return WeightedSum(1.0, tuple(w * (lam / divisor) for w in weight))
+
+
+# method -> its terms, for callers that merge entry-wise methods block by block
+WEIGHTED_SUMS = {"linear": linear_sum, "task_arithmetic": task_arithmetic_sum}
+
+
+@implements("linear")
+def linear(base, deltas, *, weight, normalize, out=None, ws=None):
+    terms = linear_sum([d is not None for d in deltas], weight=weight, normalize=normalize)
+    return terms.apply(base, deltas, _out(out, base))
 
 
 @implements("task_arithmetic")
 def task_arithmetic(base, deltas, *, weight, lam, normalize, int8_mask, out=None, ws=None):
-    return _combine(base, deltas, weight, None, consensus=False, normalize=normalize, lam=lam, out=out, ws=ws)
+    terms = task_arithmetic_sum([d is not None for d in deltas], weight=weight, lam=lam, normalize=normalize)
+    return terms.apply(base, deltas, _out(out, base))
 
 
 @implements("ties")

@@ -230,7 +230,7 @@ def test_registry_suggests_the_nearest_name():
 
 # what a tensor function may take besides the spec's parameters, and the spec flag that makes callers pass it
 RUNTIME_ARGS = {"out": None, "ws": None, "seed": "random", "magnitudes": "uses_magnitude", "ranks": "uses_ranks",
-                "l1": "rescale", "relative": "base_optional"}
+                "l1": "rescale", "relative": "base_optional", "piece": "piecewise"}
 
 
 def test_every_tensor_method_has_one_function_taking_exactly_its_spec_parameters():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.merge.sparsify import KEEP_EVERY, hash_lanes
+from evomerge.merge.sparsify import KEEP_EVERY, L1_CHUNK, hash_lanes
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,13 @@ _compiled: dict[str, object] = {}
 _broken = False
 
 
-def _keep(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, random: bool) -> Tensor:
-    """Bool mask of the entries kept: lo < |s| <= hi, and (if random) a hash draw below threshold."""
+def _keep(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, offset: Tensor, random: bool) -> Tensor:
+    """Bool mask of the entries kept: lo < |s| <= hi, and (if random) a hash draw below threshold (positions
+    start at `offset`: s may be a piece of a tensor)."""
     a = s.abs()
     keep = (a > lo) & (a <= hi)
     if random:
-        keep = keep & (hash_lanes(torch.arange(s.shape[0], device=s.device), seed) < threshold)
+        keep = keep & (hash_lanes(torch.arange(s.shape[0], device=s.device) + offset, seed) < threshold)
     return keep
 
 
@@ -42,6 +43,7 @@ def _kernel(
     hi: Tensor,  # (N,)
     seeds: Tensor,  # (N,) int64, and where random: hash_lanes(position, seed) < threshold
     thresholds: Tensor,  # (N,) int64; 2^16 keeps everything
+    offset: Tensor,  # () int64: the position of out's first entry in the tensor it is a piece of
     coef: Tensor,  # (N,) multiplies the kept entries
     weight: Tensor,  # (N,) what the consensus divisor counts
     lam: Tensor,  # ()
@@ -51,7 +53,7 @@ def _kernel(
 ) -> None:
     kept = []
     for i, s in enumerate(srcs):
-        keep = _keep(s, lo[i], hi[i], seeds[i], thresholds[i], random)
+        keep = _keep(s, lo[i], hi[i], seeds[i], thresholds[i], offset, random)
         kept.append(torch.where(keep, s * coef[i], 0.0))
     if not consensus:  # coef already carries lambda and the normalization
         total = base
@@ -74,8 +76,9 @@ def _kernel(
     out.copy_(base + lam * agreeing)
 
 
-def _kept_l1(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, random: bool) -> Tensor:
-    return torch.where(_keep(s, lo, hi, seed, threshold, random), s.abs(), 0.0).sum()
+def _kept_l1(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, offset: Tensor, random: bool) -> Tensor:
+    """Chunk sums of the kept |s| (see sparsify.l1_partials); s holds whole chunks of L1_CHUNK entries."""
+    return torch.where(_keep(s, lo, hi, seed, threshold, offset, random), s.abs(), 0.0).view(-1, L1_CHUNK).sum(1)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -107,8 +110,8 @@ def _run(name: str, fn, *args):
     return fn(*args)
 
 
-def _draw(part) -> tuple[int, int]:
-    return (part.draw.seed, part.draw.threshold) if part.draw is not None else (0, KEEP_EVERY)
+def _draw(part) -> tuple[int, int, int]:
+    return (part.draw.seed, part.draw.threshold, part.draw.offset) if part.draw is not None else (0, KEEP_EVERY, 0)
 
 
 def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, consensus: bool, normalize: bool, ws=None) -> None:
@@ -121,17 +124,25 @@ def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, con
         out.view(-1), base.reshape(-1), [p.src.reshape(-1) for p in parts],
         vec([p.keep.lo for p in parts]), vec([p.keep.hi for p in parts]),
         vec([d[0] for d in draws], torch.int64), vec([d[1] for d in draws], torch.int64),
+        vec(max((d[2] for d in draws), default=0), torch.int64),
         vec([p.coef for p in parts]), vec([p.weight for p in parts]), vec(lam),
         consensus, normalize, any(p.draw is not None for p in parts),
     )
 
 
-def fused_kept_l1(part) -> float:
-    """L1 norm of what a part keeps (its cut and draw applied), without writing the kept tensor."""
-    dev = part.src.device
-    seed, threshold = _draw(part)
+def fused_kept_partials(part) -> Tensor:
+    """Chunk sums of what a part keeps (its cut and draw applied; sparsify.l1_partials), without writing the
+    kept tensor."""
+    src = part.src.reshape(-1)
+    dev = src.device
+    seed, threshold, offset = _draw(part)
     scalar = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=dev)
-    return float(_run(
-        "kept_l1", _kept_l1, part.src.reshape(-1), scalar(part.keep.lo), scalar(part.keep.hi),
-        scalar(seed, torch.int64), scalar(threshold, torch.int64), part.draw is not None,
-    ))
+    args = (scalar(part.keep.lo), scalar(part.keep.hi), scalar(seed, torch.int64), scalar(threshold, torch.int64))
+    random = part.draw is not None
+    full = src.numel() // L1_CHUNK * L1_CHUNK
+    sums = [_run("kept_l1", _kept_l1, src[:full], *args, scalar(offset, torch.int64), random)] if full else []
+    if full < src.numel():  # the last, shorter chunk
+        tail = src[full:]
+        kept = _keep(tail, *args, scalar(offset + full, torch.int64), random)
+        sums.append(torch.where(kept, tail.abs(), 0.0).sum().reshape(1))
+    return torch.cat(sums) if len(sums) > 1 else sums[0]

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from evomerge.merge.fused import fused_combine, fused_kept_l1
+from evomerge.merge.fused import fused_combine, fused_kept_partials
 from evomerge.merge.sparsify import (
     RankRange,
     SortedMagnitudes,
@@ -30,6 +30,9 @@ from evomerge.merge.sparsify import (
     bernoulli_tensor,
     keep_fraction_count,
     keep_threshold,
+    l1_norm,
+    l1_partials,
+    l1_total,
     model_seed,
     rank_range,
     ranks_as_float,
@@ -104,26 +107,31 @@ def _out(out: Tensor | None, base: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def sparsify_magnitude(delta: Tensor, density: float, buf: Tensor, sm: SortedMagnitudes | None = None):
-    """TIES: keep the max(1, int(density * n)) largest-magnitude entries."""
+def sparsify_magnitude(delta: Tensor, density: float, buf: Tensor, sm: SortedMagnitudes | None = None, n: int | None = None):
+    """TIES: keep the max(1, int(density * n)) largest-magnitude entries (n: the whole tensor's entries, where
+    delta is a piece of it; the selection then comes from the whole tensor's sorted magnitudes)."""
     if density >= 1:
         return delta, KEEP_ALL, None
     if density <= 0:
         return delta, KEEP_NONE, None
-    k = max(1, keep_fraction_count(density, delta.numel()))
+    n = delta.numel() if n is None else n
+    k = max(1, keep_fraction_count(density, n))
     if sm is None:  # no cached magnitudes: select exactly now, the kept entries written to buf
+        assert n == delta.numel(), "selecting without sorted magnitudes needs the whole tensor"
         return select_ranks_into(delta, k, 0, buf), KEEP_ALL, None
     return delta, rank_range(delta, k, 0, sm), None
 
 
-def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, sm: SortedMagnitudes | None = None):
+def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, sm: SortedMagnitudes | None = None,
+                      n: int | None = None):
     """Breadcrumbs: drop the gamma fraction of largest magnitudes, keep the next `density` fraction."""
     if density >= 1:
         return delta, KEEP_ALL, None
-    n = delta.numel()
+    n = delta.numel() if n is None else n
     keep = keep_fraction_count(density, n)
     top = min(int(gamma * n), n - keep)  # too few small entries left: drop fewer of the large ones
     if sm is None:
+        assert n == delta.numel(), "selecting without sorted magnitudes needs the whole tensor"
         return select_ranks_into(delta, keep + top, top, buf), KEEP_ALL, None
     return delta, rank_range(delta, keep + top, top, sm), None
 
@@ -135,18 +143,22 @@ def sparsify_random(delta: Tensor, density: float, seed: int):
     return delta, KEEP_ALL, Draw(seed, keep_threshold(density))
 
 
-def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, seed: int, ranks: Tensor | None = None):
+def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, seed: int, ranks: Tensor | None = None,
+                   offset: int = 0):
     """DELLA MagPrune: along each row the keep probability rises linearly with magnitude rank,
-    from density - epsilon (smallest) to density + epsilon (largest)."""
+    from density - epsilon (smallest) to density + epsilon (largest). A piece of a tensor (entries from
+    `offset`) holds whole rows; `ranks` are the whole tensor's (cached; wherever they are held)."""
     if density >= 1:
         return delta, KEEP_ALL, None
     if density <= 0:
         return delta, KEEP_NONE, None
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     m = rows.shape[1]
+    if ranks is not None:
+        ranks = ranks.reshape(-1)[offset : offset + delta.numel()].to(delta.device, non_blocking=True)
     rank = ranks_as_float(ranks if ranks is not None else row_ranks(delta)).view(rows.shape)  # 0 = smallest in its row
     span = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
-    mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, seed)
+    mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, seed, offset)
     torch.mul(rows, mask, out=buf.view(rows.shape))
     return buf, KEEP_ALL, None
 
@@ -157,10 +169,33 @@ KEEP_NONE = RankRange(math.inf, math.inf)
 
 @dataclass(frozen=True)
 class Draw:
-    """A random keep mask not yet drawn: entry i kept when hash_lanes(i, seed) < threshold."""
+    """A random keep mask not yet drawn: entry i kept when hash_lanes(offset + i, seed) < threshold."""
 
     seed: int
     threshold: int
+    offset: int = 0  # where the entries start in the tensor they are a piece of
+
+
+@dataclass
+class Piece:
+    """Entries [start, start + its size) of a tensor of `numel` entries, merged apart from the rest. A
+    tensor's pieces are merged in order, through one Piece: selections are the whole tensor's (from sorted
+    magnitudes, ranks, seeds), `seen` carries per model the tied entries earlier pieces kept at each cut,
+    and rescale takes the whole tensor's kept L1 norms, found by a first pass over the pieces (`measure`:
+    nothing is written, the chunk sums of what each model keeps collect in `partials`)."""
+
+    numel: int
+    start: int = 0
+    measure: bool = False
+    seen: dict[int, dict] = field(default_factory=dict)
+    partials: dict[int, list[Tensor]] = field(default_factory=dict)
+    kept_l1: dict[int, float] | None = None
+
+    def begin(self, measure: bool) -> None:
+        """Back to the first piece, for the measuring or the writing pass."""
+        if not measure and self.partials:
+            self.kept_l1 = {i: l1_total(p) for i, p in self.partials.items()}
+        self.start, self.measure, self.seen, self.partials = 0, measure, {}, {}
 
 
 @dataclass
@@ -192,9 +227,11 @@ def _combine(
     l1: Sequence[float | None] | None = None,
     out: Tensor | None,
     ws: Workspace | None,
+    piece: Piece | None = None,
 ) -> Tensor:
     ws = _ws(ws)
     out = _out(out, base)
+    start = piece.start if piece is not None else 0
     # The base model's own (zero) task vector contributes nothing; mergekit leaves it out entirely.
     l1 = list(l1) if l1 is not None else [None] * len(deltas)
     items = [(w, d, n1) for w, d, n1 in zip(weight, deltas, l1) if d is not None]
@@ -206,15 +243,24 @@ def _combine(
         buf = ws.get(f"part{i}", base)
         src, keep, draw = sparsify(i, d, buf) if sparsify else (d, KEEP_ALL, None)
         # The fused kernel applies exact cuts and random draws itself; otherwise they are applied here.
+        if draw is not None:
+            draw = Draw(draw.seed, draw.threshold, start)
         if draw is not None and not ws.fused:
-            bernoulli_into(buf, draw.threshold, draw.seed)
+            bernoulli_into(buf, draw.threshold, draw.seed, start)
             src, draw = buf.mul_(src), None
         if not keep.exact or (not ws.fused and rescale and keep != KEEP_ALL):
-            src, keep = apply_rank_range(src, keep, buf, ws.get("cut", base)), KEEP_ALL
+            seen = piece.seen.setdefault(i, {}) if piece is not None else None
+            src, keep = apply_rank_range(src, keep, buf, ws.get("cut", base), seen), KEEP_ALL
         part = Part(src, keep, draw, w, w)
         if rescale and (src is not d or keep != KEEP_ALL or draw is not None):
-            part.coef *= l1_rescale(d, part, d_l1)
+            if piece is not None and piece.measure:
+                piece.partials.setdefault(i, []).append(kept_partials(part))
+                continue
+            kept = piece.kept_l1[i] if piece is not None else None
+            part.coef *= l1_rescale(d, part, d_l1, kept)
         parts.append(part)
+    if piece is not None and piece.measure:
+        return out
 
     if not consensus:
         divisor = sum(p.weight for p in parts) if normalize else 1.0
@@ -271,13 +317,19 @@ def _kept(p: Part, ws: Workspace, slot: str) -> Tensor:
     return apply_rank_range(p.src, p.keep, ws.get(slot, p.src), ws.get("cut", p.src))
 
 
-def l1_rescale(delta: Tensor, part: Part, delta_l1: float | None = None) -> float:
-    """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0."""
-    before = delta_l1 if delta_l1 is not None else float(torch.linalg.vector_norm(delta, ord=1))
+def kept_partials(part: Part) -> Tensor:
+    """Chunk sums (sparsify.l1_partials) of what a part keeps."""
     if part.keep == KEEP_ALL and part.draw is None:
-        after = float(torch.linalg.vector_norm(part.src, ord=1))
-    else:
-        after = fused_kept_l1(part)
+        return l1_partials(part.src)
+    return fused_kept_partials(part)
+
+
+def l1_rescale(delta: Tensor, part: Part, delta_l1: float | None = None, kept_l1: float | None = None) -> float:
+    """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0.
+    delta_l1, kept_l1: the norms of the task vector and of what the part keeps, where known (a piece of a
+    tensor needs the whole tensor's)."""
+    before = delta_l1 if delta_l1 is not None else l1_norm(delta)
+    after = kept_l1 if kept_l1 is not None else l1_total([kept_partials(part)])
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
@@ -344,39 +396,57 @@ def task_arithmetic(base, deltas, *, weight, lam, normalize, int8_mask, out=None
     return terms.apply(base, deltas, _out(out, base))
 
 
+# `piece`: base and deltas are one piece of a tensor (see Piece); selections then come from the whole
+# tensor's cached magnitudes or ranks, and its size.
+def _size(base: Tensor, piece: Piece | None) -> int:
+    return piece.numel if piece is not None else base.numel()
+
+
+def _start(piece: Piece | None) -> int:
+    return piece.start if piece is not None else 0
+
+
 @implements("ties")
-def ties(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None):
-    sm, dens = _present(deltas, magnitudes), _present(deltas, density)
-    sp = lambda i, d, buf: sparsify_magnitude(d, dens[i], buf, sm[i])
-    return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
+def ties(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None,
+         piece=None):
+    sm, dens, n = _present(deltas, magnitudes), _present(deltas, density), _size(base, piece)
+    sp = lambda i, d, buf: sparsify_magnitude(d, dens[i], buf, sm[i], n)
+    return _combine(base, deltas, weight, sp, consensus=True, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out,
+                    ws=ws, piece=piece)
 
 
 def _dare(consensus: bool):
-    def dare(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, seed, out=None, ws=None, l1=None):
+    def dare(base, deltas, *, weight, density, lam, normalize, rescale, int8_mask, seed, out=None, ws=None, l1=None, piece=None):
         dens = _present(deltas, density)
         sp = lambda i, d, buf: sparsify_random(d, dens[i], model_seed(seed, i))
-        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1,
+                        out=out, ws=ws, piece=piece)
 
     return dare
 
 
 def _breadcrumbs(consensus: bool):
-    def breadcrumbs(base, deltas, *, weight, density, gamma, lam, normalize, rescale, int8_mask, out=None, ws=None, magnitudes=None, l1=None):
+    def breadcrumbs(base, deltas, *, weight, density, gamma, lam, normalize, rescale, int8_mask, out=None, ws=None,
+                    magnitudes=None, l1=None, piece=None):
         sm, dens, gam = _present(deltas, magnitudes), _present(deltas, density), _present(deltas, gamma)
-        sp = lambda i, d, buf: sparsify_outliers(d, dens[i], gam[i], buf, sm[i])
-        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
+        n = _size(base, piece)
+        sp = lambda i, d, buf: sparsify_outliers(d, dens[i], gam[i], buf, sm[i], n)
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1,
+                        out=out, ws=ws, piece=piece)
 
     return breadcrumbs
 
 
 def _della(consensus: bool):
-    def della(base, deltas, *, weight, density, epsilon, lam, normalize, rescale, int8_mask, seed, out=None, ws=None, ranks=None, l1=None):
+    def della(base, deltas, *, weight, density, epsilon, lam, normalize, rescale, int8_mask, seed, out=None, ws=None,
+              ranks=None, l1=None, piece=None):
         dens, eps, rk = _present(deltas, density), _present(deltas, epsilon), _present(deltas, ranks)
         for d_, e_ in zip(dens, eps):
             if d_ < 1 and not (d_ - e_ > 0 and d_ + e_ < 1):
                 raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {d_}, epsilon {e_})")
-        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, model_seed(seed, i), rk[i])
-        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1, out=out, ws=ws)
+        sp = lambda i, d, buf: sparsify_della(d, dens[i], eps[i], buf, model_seed(seed, i), rk[i], _start(piece))
+        return _combine(base, deltas, weight, sp, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale, l1=l1,
+                        out=out, ws=ws, piece=piece)
 
     return della
 

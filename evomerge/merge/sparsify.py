@@ -41,23 +41,32 @@ class SortedMagnitudes:
 
 
 @dataclass(frozen=True)
+class Ties:
+    """The entries whose magnitude equals `value`: the first `count` of them in flat order are meant."""
+
+    value: float
+    count: int
+
+
+@dataclass(frozen=True)
 class RankRange:
-    """Entries kept: lo < |x| <= hi, plus `add` (flat positions) minus `drop` (flat positions).
-    The position lists are non-empty only where equal magnitudes straddle a cut."""
+    """Entries kept: lo < |x| <= hi, plus the `add` ties, minus the `drop` ties. Ties are set only where
+    equal magnitudes straddle a cut; a tensor merged piece by piece counts the ties earlier pieces saw."""
 
     lo: float
     hi: float
-    add: torch.Tensor | None = None
-    drop: torch.Tensor | None = None
+    add: Ties | None = None
+    drop: Ties | None = None
 
     @property
     def exact(self) -> bool:
         return self.add is None and self.drop is None
 
 
-def _top_cut(x: torch.Tensor, k: int, sm: SortedMagnitudes | None) -> tuple[float, torch.Tensor | None]:
-    """Strict threshold t and tied positions p such that {|x| > t} plus p are exactly the k largest."""
-    n = x.numel()
+def _top_cut(x: torch.Tensor | None, k: int, sm: SortedMagnitudes | None) -> tuple[float, Ties | None]:
+    """Strict threshold t and ties such that {|x| > t} plus the ties are exactly the k largest. With sorted
+    magnitudes `x` is not read (it may be None)."""
+    n = sm.numel if sm is not None else x.numel()
     if k >= n:
         return -1.0, None
     if k <= 0:
@@ -67,8 +76,7 @@ def _top_cut(x: torch.Tensor, k: int, sm: SortedMagnitudes | None) -> tuple[floa
         t = torch.kthvalue(mag, n - k + 1).values
         if float(t) == 0.0:  # tied zeros: the same values whichever of them are kept
             return 0.0, None
-        need = k - int((mag > t).sum())
-        return float(t), (mag == t).nonzero().squeeze(1)[:need]  # nonzero() is ascending: lowest indices win
+        return float(t), Ties(float(t), k - int((mag > t).sum()))
     v = sm.values
     t = v[n - k]  # the k-th largest
     if float(t) == 0.0:  # the tie is among zeros: kept or not, they add nothing (frozen weights' task vectors)
@@ -77,17 +85,15 @@ def _top_cut(x: torch.Tensor, k: int, sm: SortedMagnitudes | None) -> tuple[floa
     if first == n - k:  # the run lies inside the top k: cut strictly above the next smaller value
         return (float(v[first - 1]) if first > 0 else -1.0), None
     greater = n - int(torch.searchsorted(v, t.reshape(1), right=True))
-    need = k - greater  # tied entries that belong to the top k
-    tied = (x.reshape(-1).abs().float() == t).nonzero().squeeze(1)
-    return float(t), tied[:need]
+    return float(t), Ties(float(t), k - greater)  # the tied entries that belong to the top k
 
 
-def rank_range(x: torch.Tensor, upto: int, skip: int = 0, sm: SortedMagnitudes | None = None) -> RankRange:
+def rank_range(x: torch.Tensor | None, upto: int, skip: int = 0, sm: SortedMagnitudes | None = None) -> RankRange:
     """Keep the entries ranked skip .. upto-1 by descending magnitude (exact counts)."""
     lo, add = _top_cut(x, upto, sm)
     if skip <= 0:
         return RankRange(lo, math.inf, add)
-    hi_strict, drop = _top_cut(x, skip, sm)  # the top `skip` are |x| > hi_strict plus `drop`
+    hi_strict, drop = _top_cut(x, skip, sm)  # the top `skip` are |x| > hi_strict plus the `drop` ties
     return RankRange(lo, hi_strict, add, drop)
 
 
@@ -115,18 +121,32 @@ def select_ranks_into(x: torch.Tensor, upto: int, skip: int, out: torch.Tensor) 
     return torch.where(keep.view(x.shape), x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
 
 
-def apply_rank_range(x: torch.Tensor, r: RankRange, out: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """out = x where kept, 0 elsewhere."""
+def apply_rank_range(x: torch.Tensor, r: RankRange, out: torch.Tensor, scratch: torch.Tensor | None = None,
+                     seen: dict | None = None) -> torch.Tensor:
+    """out = x where kept, 0 elsewhere. seen: where x is one piece of a tensor merged in order, the ties
+    earlier pieces counted, per cut (updated here); None for a whole tensor."""
     torch.ops.aten.hardshrink.out(x, r.lo, out=out)  # keeps |x| > lo
-    if r.add is not None and r.add.numel():
-        out.view(-1)[r.add] = x.reshape(-1)[r.add]
+    if r.add is not None:
+        torch.where(_first_ties(x, r.add, seen, "add"), x, out, out=out)
     if r.hi != math.inf:
         assert scratch is not None, "a finite upper cut needs scratch"
         torch.ops.aten.hardshrink.out(out, r.hi, out=scratch)
         out.sub_(scratch)
-    if r.drop is not None and r.drop.numel():
-        out.view(-1)[r.drop] = 0
+    if r.drop is not None:
+        out.masked_fill_(_first_ties(x, r.drop, seen, "drop"), 0)
     return out
+
+
+def _first_ties(x: torch.Tensor, ties: Ties, seen: dict | None, cut: str) -> torch.Tensor:
+    """Bool mask of the first ties.count entries with |x| == ties.value, counting those of earlier pieces;
+    device ops only (the running count stays a device tensor: no host sync per tensor or piece)."""
+    tied = x.abs() == ties.value
+    rank = tied.view(-1).cumsum(0, dtype=torch.int32).view(x.shape)
+    if seen is not None and cut in seen:
+        rank += seen[cut]
+    if seen is not None:
+        seen[cut] = rank.view(-1)[-1:].clone() if rank.numel() else seen.get(cut, 0)
+    return tied & (rank <= ties.count)
 
 
 def row_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -185,17 +205,18 @@ def _check_size(n: int) -> None:
         raise ValueError(f"a tensor of {n} entries is too large for the random masks (limit 2^31)")
 
 
-def _lane_chunks(n: int, seed: int, device: torch.device):
-    """Yield (start, lanes) over positions 0..n-1: hash_lanes, step for step, computed in place on
-    reused int64 buffers (fresh int64 temporaries per op would cost more than the hashing)."""
-    _check_size(n)
+def _lane_chunks(n: int, seed: int, device: torch.device, offset: int = 0):
+    """Yield (start, lanes) over positions offset .. offset+n-1 (start counted from 0): hash_lanes, step for
+    step, computed in place on reused int64 buffers (fresh int64 temporaries per op would cost more than the
+    hashing)."""
+    _check_size(offset + n)
     chunk = _CHUNK.get(torch.device(device).type, _CHUNK_DEFAULT)
     h = torch.empty(min(n, chunk), dtype=torch.int64, device=device)
     t = torch.empty_like(h)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         hm, tm = h[:m], t[:m]
-        torch.arange(start, start + m, out=hm)
+        torch.arange(offset + start, offset + start + m, out=hm)
         hm.mul_(_K1).add_(seed).bitwise_and_(_MASK32)
         for _ in range(2):
             torch.bitwise_right_shift(hm, 16, out=tm)
@@ -204,19 +225,44 @@ def _lane_chunks(n: int, seed: int, device: torch.device):
         yield start, hm.bitwise_xor_(tm).bitwise_right_shift_(16)
 
 
-def bernoulli_into(out: torch.Tensor, threshold: int, seed: int) -> None:
-    """Fill out (float) with a 0/1 mask: entry i is 1 when hash_lanes(i, seed) < threshold
-    (keep_threshold(p) for a keep probability p)."""
+def bernoulli_into(out: torch.Tensor, threshold: int, seed: int, offset: int = 0) -> None:
+    """Fill out (float) with a 0/1 mask: entry i is 1 when hash_lanes(offset + i, seed) < threshold
+    (keep_threshold(p) for a keep probability p; offset: where out starts in the tensor it is a piece of)."""
     flat = out.view(-1)
-    for start, lanes in _lane_chunks(flat.numel(), seed, out.device):
+    for start, lanes in _lane_chunks(flat.numel(), seed, out.device, offset):
         torch.lt(lanes, threshold, out=flat[start : start + lanes.numel()])
 
 
-def bernoulli_tensor(p: torch.Tensor, seed: int) -> torch.Tensor:
+def bernoulli_tensor(p: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
     """0/1 float mask with per-entry keep probabilities p (each rounded to a multiple of 2^-16)."""
     t = torch.round(p.reshape(-1).clamp(0, 1) * _LANES).long()
     mask = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-    for start, lanes in _lane_chunks(p.numel(), seed, p.device):
+    for start, lanes in _lane_chunks(p.numel(), seed, p.device, offset):
         end = start + lanes.numel()
         torch.lt(lanes, t[start:end], out=mask[start:end])
     return mask.view(p.shape)
+
+
+# L1 norms (rescale) are defined chunk-wise: the float32 sums of |x| over consecutive chunks of L1_CHUNK entries,
+# added in float64. A tensor merged piece by piece (pieces start at multiples of L1_CHUNK) then gets the very
+# norms, so the same rescale factors and bits, as the whole tensor.
+L1_CHUNK = 1 << 12
+
+
+def l1_partials(x: torch.Tensor) -> torch.Tensor:
+    """Sums of |x| over consecutive chunks of L1_CHUNK entries of x (flat; the last chunk may be shorter)."""
+    flat = x.reshape(-1)
+    full = flat.numel() // L1_CHUNK * L1_CHUNK
+    parts = [torch.linalg.vector_norm(flat[:full].view(-1, L1_CHUNK), ord=1, dim=1)] if full else []
+    if full < flat.numel():
+        parts.append(torch.linalg.vector_norm(flat[full:], ord=1).reshape(1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else flat.new_zeros(0)
+
+
+def l1_total(partials: list[torch.Tensor]) -> float:
+    """The L1 norm from the chunk sums of a tensor's pieces, in order."""
+    return float(torch.cat([p.to(partials[0].device) for p in partials]).double().sum()) if partials else 0.0
+
+
+def l1_norm(x: torch.Tensor) -> float:
+    return l1_total([l1_partials(x)])

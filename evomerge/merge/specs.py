@@ -56,6 +56,9 @@ class MethodSpec:
     # each output entry depends on the same entry of the inputs only (and per-tensor parameters), so a
     # tensor may be merged block by block with the same bits
     elementwise: bool = False
+    # takes `piece` (methods.Piece): whole-tensor selections, then entry by entry, so a tensor may be merged
+    # piece by piece (magnitude selections need sorted magnitudes for it; DELLA pieces hold whole rows)
+    piecewise: bool = False
 
     def model_count_problem(self, n: int) -> str | None:
         """None when `n` merged models suit the method, else what it needs ("exactly 2", "at least 1", ...)."""
@@ -119,6 +122,13 @@ def _nonnegative(name: str, default: float | None) -> Param:
 # memory per source, which made these methods 2-4x slower than float32-resident task vectors.
 BLOCK_ENTRIES = 1 << 17
 
+# Entries per piece where sources are held on the host (sources.placement: host): tensors larger than this
+# are staged onto the device and merged a piece at a time (entry-wise and piecewise methods), so the device
+# holds scratch and staging for a piece, not for the largest tensor. Small on CPU (cache-sized work, like
+# BLOCK_ENTRIES); larger on accelerators, where each piece costs kernel launches. Multiples of L1_CHUNK.
+PIECE_ENTRIES = {"cpu": 1 << 18}
+PIECE_ENTRIES_DEFAULT = 1 << 22
+
 # Defaults follow mergekit 0.1.5 for the same parameters. Descriptions are one complete line each, and
 # distinct: `evomerge methods` prints them whole (wrapped, never cut); tests/test_methods_new.py checks.
 _add(MethodSpec(
@@ -129,35 +139,35 @@ _add(MethodSpec(
     (WEIGHT, LAMBDA, _normalize(False), INT8_MASK), needs_base=True, elementwise=True))
 _add(MethodSpec(
     "ties", TENSOR, "TIES: keep each task vector's largest-magnitude entries, elect signs, average the agreeing ones.",
-    (WEIGHT, DENSITY, LAMBDA, _normalize(True), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True))
+    (WEIGHT, DENSITY, LAMBDA, _normalize(True), _rescale(False), INT8_MASK), needs_base=True, uses_magnitude=True, piecewise=True))
 _add(MethodSpec(
     "dare_linear", TENSOR,
     "DARE: drop task-vector entries at random (keep probability density), rescale, add them weighted.",
-    (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True))
+    (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True, piecewise=True))
 _add(MethodSpec(
     "dare_ties", TENSOR,
     "DARE-TIES: drop task-vector entries at random, rescale, elect signs, combine the agreeing ones.",
-    (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True))
+    (WEIGHT, DENSITY, LAMBDA, _normalize(False), _rescale(True), INT8_MASK), needs_base=True, random=True, piecewise=True))
 _add(MethodSpec(
     "breadcrumbs", TENSOR,
     "Model Breadcrumbs: drop each task vector's largest (gamma) and smallest entries, add the rest weighted.",
     (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK),
-    needs_base=True, uses_magnitude=True))
+    needs_base=True, uses_magnitude=True, piecewise=True))
 _add(MethodSpec(
     "breadcrumbs_ties", TENSOR,
     "Breadcrumbs-TIES: drop the largest (gamma) and smallest entries, elect signs, combine the agreeing ones.",
     (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), _rescale(False), INT8_MASK),
-    needs_base=True, uses_magnitude=True))
+    needs_base=True, uses_magnitude=True, piecewise=True))
 _add(MethodSpec(
     "della", TENSOR,
     "DELLA: drop entries at random, large ones kept more often (density +- epsilon), rescale, elect signs.",
     (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), _rescale(True), INT8_MASK),
-    needs_base=True, random=True, uses_ranks=True))
+    needs_base=True, random=True, uses_ranks=True, piecewise=True))
 _add(MethodSpec(
     "della_linear", TENSOR,
     "DELLA-linear: drop entries at random, large ones kept more often, rescale, add them weighted (no signs).",
     (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), _rescale(True), INT8_MASK),
-    needs_base=True, random=True, uses_ranks=True))
+    needs_base=True, random=True, uses_ranks=True, piecewise=True))
 
 _add(MethodSpec(
     "slerp", TENSOR, "Spherical interpolation from the base (t = 0) to the other model (t = 1).",

@@ -26,7 +26,7 @@ from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.compat import check_compatible
 from evomerge.merge.methods import WEIGHTED_SUMS, WeightedSum, Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
-from evomerge.merge.sparsify import SortedMagnitudes, row_ranks
+from evomerge.merge.sparsify import SortedMagnitudes, l1_norm, row_ranks
 from evomerge.merge.specs import BLOCK_ENTRIES
 from evomerge.seeds import derive_seed
 from evomerge.worker.layer_split import LayerSplit, place
@@ -43,10 +43,6 @@ def skip_weight_init():
         return no_init_weights()
     except ImportError:
         return contextlib.nullcontext()
-
-
-def _l1_norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t, ord=1))
 
 
 class Materializer:
@@ -186,7 +182,7 @@ class Materializer:
                 if spec.uses_ranks and self.selection_cache:
                     kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name, task)
                 if spec.param("rescale") is not None and kwargs["rescale"]:
-                    kwargs["l1"] = self._derived(self._l1, _l1_norm, inputs, name, task)
+                    kwargs["l1"] = self._derived(self._l1, l1_norm, inputs, name, task)
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
                 self._merge_into(target, merge, base, deltas, out, kwargs, recipe.method, name)
 

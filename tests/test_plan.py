@@ -93,7 +93,9 @@ def test_only_methods_the_space_can_produce_count_and_data_flow_holds_the_source
     w_ta = read_workload(run_config(llama, space="ps_task_arithmetic"), tmp_path, "test")
     assert w_ta.cache_bytes == 0  # task arithmetic selects nothing: no cache even when on
     assert "selection caches" not in parts(estimate(w_ta, Setting("device", "auto", True), CPU))
-    assert parts(estimate(w_ta, Setting("device", "auto", True), CPU))["scratch"][0] == 2 * 3 * 320 * 32 * 4
+    # K + 2 copies of the embedding (the base, 3 task vectors, the result), less the base's and the result's
+    # (float32 sources and live model)
+    assert parts(estimate(w_ta, Setting("device", "auto", True), CPU))["scratch"][0] == 3 * 320 * 32 * 4
     della = read_workload(run_config(llama, space={"preset": "ps_ties_dare", "ps": {"methods": ["ties", "della"]}}),
                           tmp_path, "test")
     assert della.cache_bytes == 4 + 2
@@ -267,8 +269,28 @@ def test_cpu_workers_plan_block_scratch_for_elementwise_methods():
 
     big, k = 50 * BLOCK_ENTRIES, 2
     ta = lambda methods, blocks: scratch_fp32_entries(k, methods, False, "bfloat16", "bfloat16", False, big, blocks)  # noqa: E731
-    assert ta(("task_arithmetic",), True) == (2 * k + 2) * BLOCK_ENTRIES
-    assert ta(("task_arithmetic",), False) == (2 * k + 2) * big
+    assert ta(("task_arithmetic",), True) == (k + 2) * BLOCK_ENTRIES  # base, task vectors, result
+    assert ta(("task_arithmetic",), False) == (k + 2) * big
     assert ta(("task_arithmetic", "ties"), True) == ta(("ties",), False) == (3 * k + 6) * big
     small = scratch_fp32_entries(k, ("linear",), False, "bfloat16", "bfloat16", False, 1000, True)
     assert small == (k + 2) * 1000  # a model whose tensors all fit one block: whole tensors
+
+
+def test_host_placement_plans_scratch_and_staging_of_a_piece(llama, tmp_path):
+    """Sources on the host: methods that go piece by piece keep scratch of a piece; TIES only with its
+    cache (which then lives in host RAM); a method that needs whole tensors stages the largest one."""
+    from evomerge.search.memory_plan import piece_entries, scratch_fp32_entries
+
+    big, k, piece = 50 * piece_entries(True), 2, piece_entries(True)
+    eager = lambda methods, cache: scratch_fp32_entries(k, methods, cache, "bfloat16", "bfloat16", False, big,
+                                                        False, piece)
+    assert eager(("ties",), True) == (3 * k + 6 + k + 1) * piece
+    assert eager(("ties",), False) == (3 * k + 6) * big  # an exact selection needs the whole tensor
+    assert eager(("dare_ties", "della"), False) == (3 * k + 6) * piece
+    assert eager(("dare_ties", "slerp"), False) == (2 * k + 2) * big  # slerp's norms: whole tensors
+    gpu = Workers(gpu=True, per_node=1, gpus_each=1.0, device_free=None, host_available=None, source="test")
+    w = read_workload(run_config(llama, space={"preset": "ps_ties_dare", "ps": {"methods": ["ties"]}}), tmp_path, "t")
+    on, off = (parts(estimate(w, Setting("host", "auto", c), gpu)) for c in (True, False))
+    assert on["selection caches"][1] == "host" and "selection caches" not in off
+    largest = 320 * 32  # the embedding: smaller than a GPU piece, so staged whole either way
+    assert on["staging"][0] == off["staging"][0] == 2 * 4 * largest * 4

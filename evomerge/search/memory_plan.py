@@ -11,17 +11,20 @@ parameter space (kind ps), placement device:
   scratch           scratch_fp32_entries(...): fp32 copies of the largest tensor, the most any method of the
                     space needs (measured by bench/bench_memory.py): linear K + 2 (CPU workers merge linear and
                     task_arithmetic in blocks: copies of a block of BLOCK_ENTRIES), other task-vector methods
-                    2K + 2, sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with
+                    2K + 2 (task arithmetic: K + 2, like linear), sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with
                     the fused kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each
                     model's kept entries, at worst); - 1 each for float32 sources and a float32 live model
   selection caches  when on: K x P_float x 4 (TIES, breadcrumbs) + K x P_float x 2 (DELLA), for the methods the
-                    space can produce; auto: on for CPU workers, off on GPU workers
+                    space can produce; auto: on for CPU workers and with host placement, off on GPU workers
   activations       see `activation_bytes`
   CUDA runtime      per GPU: context, cuBLAS workspace, allocator slack (DEVICE_RUNTIME_BYTES)
   worker process    host RAM per worker: torch, transformers, lm-eval, Ray (WORKER_PROCESS_BYTES)
-placement host: the device holds the live model, scratch, caches (built from the task vectors formed on the
-  device), activations and the staging area, STAGING_BUFFERS x (K+1) copies of the largest tensor in s (double
-  buffered); the host pins the sources per worker: every worker of a node holds its own copy.
+placement host: the device holds the live model, scratch, activations and the staging area, STAGING_BUFFERS x
+  (K+1) copies of the largest item staged in s (double buffered). Tensors larger than a piece (PIECE_ENTRIES)
+  are staged and merged piece by piece by the methods that can (entry-wise ones, and the task-vector family,
+  magnitude selections from their caches: `goes_by_pieces`), so where every method of the space can, staging
+  and scratch are of a piece, not of the largest tensor. The host pins the sources per worker (every worker of
+  a node holds its own copy) and holds the selection caches, built from the whole task vectors there.
 data flow (dfs): every source's own model in s, sum over sources of P x s (plus activations).
 hybrid: the sources once (shared by the merge and the routing) + the merged live model + scratch + caches.
 host placement for dfs and hybrid: the routed models copy the sources they run onto the device, so the device
@@ -62,21 +65,24 @@ WORKER_PROCESS_BYTES = 2**30  # per worker, host RAM: torch + transformers + lm-
 
 
 def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage: str, live: str, fused: bool,
-                         largest: int, blocks: bool = False) -> int:
+                         largest: int, blocks: bool = False, piece: int | None = None) -> int:
     """fp32 entries a worker keeps as scratch when it merges K fine-tunes with any of `methods`: copies of the
     largest tensor (`largest` entries; the buffers grow to the largest request, so the costliest method sets
     it). Sources stored in float32 need no fp32 copy of the base, a float32 live model no result buffer.
     `fused`: the compiled combine kernel (what GPU workers run); `blocks`: elementwise methods merge tensors
-    larger than BLOCK_ENTRIES in blocks of that size (CPU workers), so their copies are of a block."""
+    larger than BLOCK_ENTRIES in blocks of that size (CPU workers), so their copies are of a block; `piece`:
+    sources on the host, so methods that can merge tensors piece by piece keep copies of a piece."""
     from evomerge.merge.specs import BLOCK_ENTRIES, METHODS
 
     def entries(name: str) -> int:
         spec = METHODS[name]
-        size = min(largest, BLOCK_ENTRIES) if blocks and spec.elementwise else largest
+        size = min(largest, piece) if piece and goes_by_pieces(spec, cache) else largest
+        size = min(size, BLOCK_ENTRIES) if blocks and spec.elementwise else size
         return copies(spec) * size
 
     def copies(spec) -> int:
-        per, fixed = (SCRATCH_SPARSIFY_EAGER if spec.param("density") and not fused else
+        per, fixed = (SCRATCH_AVERAGE if spec.elementwise else
+                      SCRATCH_SPARSIFY_EAGER if spec.param("density") and not fused else
                       SCRATCH_TASK_VECTORS if spec.needs_base else SCRATCH_AVERAGE)
         cached = cache and spec.uses_magnitude
         return (per + SCRATCH_CACHED_SELECTION[0] * cached) * k + fixed + SCRATCH_CACHED_SELECTION[1] * cached \
@@ -214,6 +220,18 @@ def read_workload(config: RunConfig, config_dir: Path, where: str) -> Workload:
                     1 if auto else int(config.fitness.batch_size), auto, min(PLAN_SEQ_LEN, context), path_layers)
 
 
+def goes_by_pieces(spec, cache: bool) -> bool:
+    """Whether host placement merges a method's large tensors piece by piece (see Materializer._items):
+    entry-wise and piecewise methods, magnitude selections only from their caches."""
+    return spec.elementwise or (spec.piecewise and (cache or not spec.uses_magnitude))
+
+
+def piece_entries(gpu: bool) -> int:
+    from evomerge.merge.specs import PIECE_ENTRIES, PIECE_ENTRIES_DEFAULT
+
+    return PIECE_ENTRIES_DEFAULT if gpu else PIECE_ENTRIES["cpu"]
+
+
 def live_dtype(w: Workload, s: Setting) -> str:
     """The live model's dtype: the workers build it in the sources' storage dtype (SourceModels passes
     store.dtype as model_dtype; routed paths mix the store's own tensors). Change here if that changes."""
@@ -297,12 +315,18 @@ def estimate(w: Workload, s: Setting, workers: Workers) -> Estimate:
         r = w.reference
         largest = r.largest[1]
         parts.append(("live model", math.ceil(r.nbytes(m) / split), dev))
-        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, blocks=not gpu)
+        piece = piece_entries(gpu) if streamed else None
+        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, not gpu, piece)
         parts.append(("scratch", scratch * 4, dev))
-        if streamed:
-            parts.append(("staging", STAGING_BUFFERS * (w.k + 1) * largest * STORAGE_BYTES[dtype], dev))
-        if s.selection_cache and w.cache_bytes:  # built from the task vectors, where they are formed
-            parts.append(("selection caches", math.ceil(w.k * r.float_entries * w.cache_bytes / split), dev))
+        if streamed:  # the largest item staged: a piece where every method of the space goes by pieces
+            from evomerge.merge.specs import METHODS
+
+            specs = [METHODS[name] for name in w.methods]
+            staged = min(largest, piece) if all(goes_by_pieces(sp, s.selection_cache) for sp in specs) else largest
+            parts.append(("staging", STAGING_BUFFERS * (w.k + 1) * staged * STORAGE_BYTES[dtype], dev))
+        if s.selection_cache and w.cache_bytes:  # built from the whole task vectors, where the sources are held
+            parts.append(("selection caches", math.ceil(w.k * r.float_entries * w.cache_bytes / (1 if streamed else split)),
+                          HOST if streamed else dev))
     parts.append(("activations", activation_bytes(w, gpu, split, m), dev))
     if gpu:
         parts.append(("CUDA runtime", DEVICE_RUNTIME_BYTES, DEVICE))
@@ -510,14 +534,15 @@ def _settings(config: RunConfig, w: Workload, workers: Workers) -> tuple[Setting
         why = "CPU workers hold the sources in RAM either way" if not workers.gpu else \
             "the routed models copy their sources onto the device"
         notes.append(f"sources.placement: host needs more memory than device here ({why}): set device")
-    cache = src.selection_cache == "on" or (src.selection_cache == "auto" and not workers.gpu)
-    configured = Setting(placement, src.storage_dtype, cache)
+    # auto: caches on for CPU workers and with host placement (they live in host RAM), off on GPUs
+    cache_of = lambda p: src.selection_cache == "on" or (src.selection_cache == "auto" and (not workers.gpu or p == HOST))
+    configured = Setting(placement, src.storage_dtype, cache_of(placement))
     auto_bytes = STORAGE_BYTES[w.auto_dtype]
     dtypes = ["auto"] + [d for d in ("bfloat16", "float32") if STORAGE_BYTES[d] != auto_bytes]
     dtypes = list(dict.fromkeys([src.storage_dtype, *dtypes]))
-    caches = [cache, False] if cache and w.cache_bytes and w.kind != "dfs" else [cache]
+    caches = lambda p: [cache_of(p), False] if cache_of(p) and w.cache_bytes and w.kind != "dfs" else [cache_of(p)]
     placements = list(dict.fromkeys([placement, DEVICE, HOST] if host_helps else [placement, DEVICE]))
-    others = [Setting(p, d, c) for p in placements for d in dtypes for c in caches]
+    others = [Setting(p, d, c) for p in placements for d in dtypes for c in caches(p)]
     return configured, [s for s in others if s != configured], notes
 
 

@@ -16,6 +16,7 @@ building them once beats an exact selection per candidate; on accelerators the s
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -24,13 +25,13 @@ import torch
 from evomerge.errors import RecipeError
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.compat import check_compatible
-from evomerge.merge.methods import WEIGHTED_SUMS, WeightedSum, Workspace, tensor_function
+from evomerge.merge.methods import WEIGHTED_SUMS, Piece, WeightedSum, Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
-from evomerge.merge.sparsify import SortedMagnitudes, l1_norm, row_ranks
-from evomerge.merge.specs import BLOCK_ENTRIES
+from evomerge.merge.sparsify import L1_CHUNK, SortedMagnitudes, l1_norm, row_ranks
+from evomerge.merge.specs import BLOCK_ENTRIES, PIECE_ENTRIES, PIECE_ENTRIES_DEFAULT
 from evomerge.seeds import derive_seed
 from evomerge.worker.layer_split import LayerSplit, place
-from evomerge.worker.source_store import SourceStore
+from evomerge.worker.source_store import SourceStore, Span
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,13 +84,17 @@ class Materializer:
         self.model_dtype = model_dtype or ref.dtype
         self.names = list(ref.tensors)  # checkpoint order
         self.float_names = [n for n in self.names if ref.tensors[n].dtype.is_floating_point]
-        self.selection_cache = self.device.type == "cpu" if selection_cache is None else selection_cache
+        # on by default where building them beats exact selections per candidate (CPU), and with host placement,
+        # where they live in host memory and let magnitude methods merge large tensors piece by piece
+        auto = self.device.type == "cpu" or store.placement == "host"
+        self.selection_cache = auto if selection_cache is None else selection_cache
         store.tensors(base)  # the base is read now: every recipe needs it
         self._magnitudes: dict[tuple[str, str], SortedMagnitudes] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str], float] = {}
         self.workspace = Workspace(fused=fused)
         self.block_entries = BLOCK_ENTRIES if self.device.type == "cpu" else None  # None: whole tensors
+        self.piece_entries = PIECE_ENTRIES.get(self.device.type, PIECE_ENTRIES_DEFAULT)  # host placement
         self._model = None
         self._targets: dict[str, torch.Tensor] | None = None
         self._plain: dict[str, torch.Tensor] | None = None
@@ -156,18 +161,23 @@ class Materializer:
         spec, merge = recipe.spec, tensor_function(recipe.method)
         inputs = [e.model for e in recipe.inputs()]
         held = [self.base_name, *dict.fromkeys(m for m in inputs if m != self.base_name)]
+        piece: Piece | None = None
         with torch.no_grad():
-            for name, tensors in self.store.stream(self.names, held):
+            for item, tensors in self.store.stream(self._items(recipe), held):
+                name = item if isinstance(item, str) else item.name
                 target = targets[name]
                 if name not in self.float_names:
                     target.copy_(tensors[self.base_name])  # integer tensors are not merged: the base's are kept
                     continue
-                kwargs = recipe.resolve(name, layer_position(name, self.num_layers))  # every parameter, defaults filled
-                if spec.random:
-                    kwargs["seed"] = derive_seed(seed, name)  # independent of tensor order
-                if spec.base_optional:
-                    kwargs["relative"] = not recipe.baseless
-                if spec.elementwise and self._blockwise(target, tensors, held):
+                kwargs = self._arguments(recipe, name, seed)
+                if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
+                    target = target.view(-1)[item.start : item.stop].view(item.shape)
+                    if item.start == 0:
+                        if not (piece is not None and piece.measure and not item.measure):  # else: writing what was measured
+                            piece = Piece(targets[name].numel())
+                        piece.begin(item.measure)
+                    piece.start = item.start
+                if spec.elementwise and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
                     try:
                         terms = WEIGHTED_SUMS[recipe.method]([m != self.base_name for m in inputs], **kwargs)
                     except ValueError as e:
@@ -177,14 +187,73 @@ class Materializer:
                 base = self._as_float32(tensors[self.base_name], "source.base")
                 task = {m: self._task_vector(tensors[m], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
                 deltas = [task.get(m) for m in inputs]
+                whole = self._host_task if self.store.placement == "host" else (lambda m, _name, task=task: task[m])
                 if spec.uses_magnitude and self.selection_cache:
-                    kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name, task)
+                    kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name, whole)
                 if spec.uses_ranks and self.selection_cache:
-                    kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name, task)
+                    kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name, whole)
                 if spec.param("rescale") is not None and kwargs["rescale"]:
-                    kwargs["l1"] = self._derived(self._l1, l1_norm, inputs, name, task)
+                    kwargs["l1"] = self._derived(self._l1, l1_norm, inputs, name, whole)
+                if isinstance(item, Span):
+                    kwargs["piece"] = piece
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
+                if isinstance(item, Span) and item.measure:
+                    self._merge(merge, base, deltas, out, kwargs, recipe.method, name)  # collects; writes nothing
+                    continue
                 self._merge_into(target, merge, base, deltas, out, kwargs, recipe.method, name)
+
+    def _arguments(self, recipe: Recipe, name: str, seed: int) -> dict:
+        """The tensor function's keyword arguments for tensor `name`: every parameter, defaults filled."""
+        spec = recipe.spec
+        kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
+        if spec.random:
+            kwargs["seed"] = derive_seed(seed, name)  # independent of tensor order
+        if spec.base_optional:
+            kwargs["relative"] = not recipe.baseless
+        return kwargs
+
+    # -- pieces (host placement) ---------------------------------------------------------------------
+    def _items(self, recipe: Recipe) -> list[str | Span]:
+        """What the store streams: tensor names, or with host placement, the pieces of the large tensors a
+        method can merge piece by piece (twice where rescale needs the kept L1 norms of the whole tensor
+        first: a measuring pass, then the writing one)."""
+        if self.store.placement != "host":
+            return self.names
+        spec, size = recipe.spec, self.piece_entries
+        items: list[str | Span] = []
+        for name in self.names:
+            meta = self.reference.tensors[name]
+            n = math.prod(meta.shape)
+            step = self._piece_entries(spec, meta.shape, size) if name in self.float_names else None
+            if step is None or n <= step:
+                items.append(name)
+                continue
+            rows = len(meta.shape) == 2 and step % meta.shape[1] == 0
+            spans = [Span(name, a, min(a + step, n), (-1, meta.shape[1]) if rows else (-1,)) for a in range(0, n, step)]
+            kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
+            if spec.piecewise and spec.param("rescale") is not None and kwargs["rescale"]:
+                items += [s._replace(measure=True) for s in spans]
+            items += spans
+        return items
+
+    def _piece_entries(self, spec, shape: tuple[int, ...], size: int) -> int | None:
+        """Entries per piece for a tensor of `shape` (None: merged whole): `size`, or whole rows for DELLA
+        (a multiple of L1_CHUNK, so the L1 chunks of rescale fall the same as for the whole tensor)."""
+        if not (spec.elementwise or spec.piecewise) or (spec.uses_magnitude and not self.selection_cache):
+            return None  # an exact selection without sorted magnitudes needs the whole tensor on the device
+        if not spec.uses_ranks:
+            return size
+        if len(shape) != 2:
+            return None
+        every = L1_CHUNK // math.gcd(shape[1], L1_CHUNK)  # rows per L1-aligned step
+        rows = size // shape[1] // every * every
+        return rows * shape[1] or None
+
+    def _host_task(self, model: str, name: str) -> torch.Tensor:
+        """A whole task vector, formed in float32 where the sources are held (the host, for host placement):
+        what the selection caches are built from, once."""
+        t, base = self.store.tensors(model)[name], self.store.tensors(self.base_name)[name]
+        return t.float() - base.float()
 
     def _blockwise(self, target: torch.Tensor, tensors: Mapping[str, torch.Tensor], held: list[str]) -> bool:
         return (self.block_entries is not None and target.numel() > self.block_entries and target.is_contiguous()
@@ -195,7 +264,7 @@ class Materializer:
         """An entry-wise method over `block_entries` entries at a time: the same float ops per entry as one
         whole-tensor call, so the same bits, with the float32 scratch small enough to stay in the cache. The
         loop is kept lean: at 2^17 entries per block, Python's per-op overhead is a third of the work."""
-        step, dev, f32 = self.block_entries, target.device, torch.float32
+        step, dev, f32 = self.block_entries or target.numel(), target.device, torch.float32
         models = [m for m in dict.fromkeys(inputs) if m != self.base_name]
         blocks = {m: tensors[m].view(-1).split(step) for m in [self.base_name, *models]}  # views, made in one call
         wide = self.workspace.get_flat("source.base", step, f32, dev)
@@ -222,12 +291,15 @@ class Materializer:
 
     def _merge_into(self, target, merge, base, deltas, out, kwargs, method: str, name: str) -> None:
         """merge(...) written into `target` (directly where `out` is it, else copied from scratch)."""
-        try:
-            result = merge(base, deltas, out=out, ws=self.workspace, **kwargs)
-        except ValueError as e:
-            raise RecipeError(f"{method} on tensor {name}: {e}") from None
+        result = self._merge(merge, base, deltas, out, kwargs, method, name)
         if result is not target:
             target.copy_(result)
+
+    def _merge(self, merge, base, deltas, out, kwargs, method: str, name: str) -> torch.Tensor:
+        try:
+            return merge(base, deltas, out=out, ws=self.workspace, **kwargs)
+        except ValueError as e:
+            raise RecipeError(f"{method} on tensor {name}: {e}") from None
 
     def _as_float32(self, t: torch.Tensor, slot: str) -> torch.Tensor:
         """t in float32: itself when it already is (read-only here), else a copy in scratch."""
@@ -244,12 +316,12 @@ class Materializer:
             return torch.sub(t, base, out=out)
         return out.copy_(t).sub_(base)
 
-    def _derived(self, cache: dict, build, inputs: list[str], name: str, task: dict[str, torch.Tensor]) -> list:
-        """Data derived from each input's task vector for tensor `name` (fixed while the sources are
-        loaded: built on first use, then cached); None for the base, which has no task vector."""
+    def _derived(self, cache: dict, build, inputs: list[str], name: str, whole) -> list:
+        """Data derived from each input's whole task vector for tensor `name` (whole(model, name) gives it;
+        fixed while the sources are loaded: built on first use, then cached); None for the base."""
         for m in inputs:
             if m != self.base_name and (m, name) not in cache:
-                cache[m, name] = build(task[m])
+                cache[m, name] = build(whole(m, name))
         return [None if m == self.base_name else cache[m, name] for m in inputs]
 
     def _check(self, recipe: Recipe) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -91,34 +92,38 @@ class SourceStore:
         return staging + (self.held_bytes() if self.placement == "device" else 0)
 
     # -- handing out --------------------------------------------------------------------------------
-    def stream(self, names: Sequence[str], models: Sequence[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """(tensor name, model -> that tensor on the device) for each name in order. With host placement
-        the tensors are views of staging slots: valid until the caller asks for the next one."""
+    def stream(self, items: Sequence[str | Span], models: Sequence[str]) -> Iterator[tuple[str | Span, dict[str, torch.Tensor]]]:
+        """(item, model -> that tensor on the device) for each item in order: a tensor name (the whole
+        tensor) or a Span (a piece of one). With host placement the tensors are views of staging slots,
+        valid until the caller asks for the next item; the slots hold the largest item of the call."""
         held = {m: self.tensors(m) for m in models}
         if self.placement == "device":
-            for name in names:
-                yield name, {m: held[m][name] for m in models}
+            for item in items:
+                yield item, {m: _part(held[m], item) for m in models}
             return
-        yield from self._staged(names, models, held)
+        yield from self._staged(list(items), models, held)
 
-    def _staged(self, names, models, held) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    def _staged(self, items, models, held) -> Iterator[tuple[str | Span, dict[str, torch.Tensor]]]:
         cuda = self.device.type == "cuda"
         copiers: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per device
         ready: dict[int, torch.cuda.Event] = {}  # slot -> its copies are done
         free: dict[tuple[int, torch.device], torch.cuda.Event] = {}  # (slot, device) -> the caller is done with it
         views: list[dict[str, torch.Tensor]] = [{}, {}]
+        devices = [self.device_of(_name(item)) for item in items]
+        need: dict[torch.device, int] = {}  # the largest item per device: what the slots there must hold
+        for item, dev in zip(items, devices):
+            need[dev] = max(need.get(dev, 0), _numel(item, held[models[0]]))
 
         def stage(i: int) -> None:
-            slot, name = i % 2, names[i]
-            dev = self.device_of(name)
+            slot, item, dev = i % 2, items[i], devices[i]
             if cuda and dev not in copiers:
                 copiers[dev] = torch.cuda.Stream(dev)
             with torch.cuda.stream(copiers[dev]) if cuda else nullcontext():
                 if cuda:
-                    copiers[dev].wait_event(free[slot, dev])  # the merge of the slot's last tensor is done
+                    copiers[dev].wait_event(free[slot, dev])  # the merge of the slot's last item is done
                 for m in models:
-                    src = held[m][name]
-                    buf = self._slot(slot, m, src, dev)
+                    src = _part(held[m], item)
+                    buf = self._slot(slot, m, src.dtype, dev, need[dev])[: src.numel()]
                     buf.copy_(src.reshape(-1), non_blocking=cuda)
                     views[slot][m] = buf.view(src.shape)
                 if cuda:
@@ -126,30 +131,54 @@ class SourceStore:
                     ready[slot].record(copiers[dev])
 
         if cuda:  # earlier calls' work on the staging slots may still be queued on the devices' streams
-            for dev in {self.device_of(n) for n in names}:
+            for dev in need:
                 for slot in range(2):
                     free[slot, dev] = torch.cuda.Event()
                     free[slot, dev].record(torch.cuda.current_stream(dev))
-        if names:
+        if items:
             stage(0)
-        for i, name in enumerate(names):
-            if i + 1 < len(names):
-                stage(i + 1)  # overlaps the caller's work on tensor i (on CUDA; in order on CPU)
-            slot, dev = i % 2, self.device_of(name)
+        for i, item in enumerate(items):
+            if i + 1 < len(items):
+                stage(i + 1)  # overlaps the caller's work on item i (on CUDA; in order on CPU)
+            slot, dev = i % 2, devices[i]
             if cuda:
                 torch.cuda.current_stream(dev).wait_event(ready[slot])
-            yield name, dict(views[slot])
+            yield item, dict(views[slot])
             if cuda:
                 free[slot, dev] = torch.cuda.Event()
                 free[slot, dev].record(torch.cuda.current_stream(dev))
 
-    def _slot(self, slot: int, model: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The staging buffer of one model in one slot on one device, sized to the largest tensor staged
-        there (dtype as held)."""
-        key = (model, like.dtype, device)
+    def _slot(self, slot: int, model: str, dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor:
+        """The staging buffer of one model in one slot on one device, grown to `numel` entries (dtype as held)."""
+        key = (model, dtype, device)
         buf = self._staging[slot].get(key)
-        if buf is None:
-            largest = max(t.numel() for n, t in self._tensors[model].items()
-                          if t.dtype == like.dtype and self.device_of(n) == device)
-            buf = self._staging[slot][key] = torch.empty(largest, dtype=like.dtype, device=device)
-        return buf[: like.numel()]
+        if buf is None or buf.numel() < numel:
+            self._staging[slot].pop(key, None)  # freed before the larger one is allocated
+            buf = self._staging[slot][key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
+
+
+class Span(NamedTuple):
+    """Entries [start, stop) of tensor `name` in flat order, viewed as `shape` (whole rows, where a piece
+    holds them, so row-wise methods see rows). `measure`: the caller's mark (a first pass over the pieces)."""
+
+    name: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    measure: bool = False
+
+
+def _name(item: str | Span) -> str:
+    return item if isinstance(item, str) else item.name
+
+
+def _numel(item: str | Span, tensors: Mapping[str, torch.Tensor]) -> int:
+    return tensors[item].numel() if isinstance(item, str) else item.stop - item.start
+
+
+def _part(tensors: Mapping[str, torch.Tensor], item: str | Span) -> torch.Tensor:
+    """A whole tensor, or a view of a span of it."""
+    if isinstance(item, str):
+        return tensors[item]
+    return tensors[item.name].view(-1)[item.start : item.stop].view(item.shape)

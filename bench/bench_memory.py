@@ -39,8 +39,9 @@ LEGACY_COMMIT = "1e4064d"  # the last commit whose Materializer held fp32 base +
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
 WEIGHTS, DENSITIES = (0.5, 0.3, 0.2), (0.5, 0.6, 0.7)
 # (storage dtype, placement, selection cache); auto = the checkpoint's (bf16)
-MODES = [("auto", "device", "on"), ("auto", "device", "off"), ("auto", "host", "off"), ("float32", "device", "on"),
-         ("auto", "host", "on")]
+# (host, on is what host placement does by default: the caches live in host RAM and large tensors go by pieces)
+MODES = [("auto", "device", "on"), ("auto", "device", "off"), ("auto", "host", "on"), ("auto", "host", "off"),
+         ("float32", "device", "on")]
 
 
 def family(size: str) -> Family:
@@ -91,8 +92,12 @@ def child(spec: dict) -> dict:
     load_s = time.perf_counter() - t
     model = m.model
     params = sum(p.numel() for p in model.parameters())
-    times, first = {}, {}
+    times, first, per_method = {}, {}, {}
+    live = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     for method in spec["methods"]:
+        if spec["mode"] != "legacy":  # scratch and staging grow to the largest request: measure each method apart
+            m.workspace = type(m.workspace)(fused=spec["fused"])
+            m.store._staging = [{}, {}]
         r = Recipe.from_mergekit(recipe(method, fam, k), where=method)
         t = time.perf_counter()
         m.materialize(r)
@@ -103,12 +108,19 @@ def child(spec: dict) -> dict:
             m.materialize(r)
             runs.append(time.perf_counter() - t)
         times[method] = statistics.median(runs)
-    live = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    # legacy resident_bytes: fp32 base + task vectors + caches; both leave scratch and the live model apart
-    held = m.resident_bytes() if spec["mode"] == "legacy" else m.store.device_bytes() + m.cache_bytes()
-    scratch = m.workspace.nbytes()
-    return {"params": params, "load_s": load_s, "first_s": first, "times_s": times, "device_bytes": held + scratch + live,
-            "scratch_bytes": scratch, "peak_rss": peak_rss()}
+        if spec["mode"] != "legacy":
+            per_method[method] = device_bytes(m, spec["mode"]) + live
+    held = m.resident_bytes() if spec["mode"] == "legacy" else device_bytes(m, spec["mode"])
+    return {"params": params, "load_s": load_s, "first_s": first, "times_s": times, "device_bytes": held + live,
+            "per_method_bytes": per_method, "scratch_bytes": m.workspace.nbytes(), "peak_rss": peak_rss()}
+
+
+def device_bytes(m, mode) -> int:
+    """What the worker holds where the model runs, besides the live model: sources or staging, scratch, and the
+    selection caches unless the sources (and so the caches) are on the host. Legacy's resident_bytes: fp32
+    base + task vectors + caches; scratch apart."""
+    caches = m.cache_bytes() if mode[1] == "device" else 0
+    return m.store.device_bytes() + caches + m.workspace.nbytes()
 
 
 def peak_rss() -> int:
@@ -241,6 +253,13 @@ def print_tables(rows: list[dict], methods: list[str], bandwidth: float) -> None
         ratio = f"{r['plan_bytes'] / r['device_bytes']:.2f}" if r["plan_bytes"] else "-"
         print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | "
               f"{r['device_bytes'] / p:.2f} | {plan} | {ratio} | {r['peak_rss'] / p:.2f} | {r['load_s']:.1f} |")
+    print("\nDevice B/param per method (scratch and staging measured after each method alone):\n")
+    print("| K | mode | kernel | " + " | ".join(methods) + " |")
+    print("|---|---|---|" + "---|" * len(methods))
+    for r in rows:
+        if r.get("per_method_bytes"):
+            cells = [f"{r['per_method_bytes'][m] / r['params']:.2f}" for m in methods]
+            print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | " + " | ".join(cells) + " |")
     print("\n| K | mode | kernel | " + " | ".join(f"{m} ms (x legacy, x bound, x mergekit)" for m in methods) + " |")
     print("|---|---|---|" + "---|" * len(methods))
     for r in rows:

@@ -172,11 +172,7 @@ class Materializer:
                 kwargs = self._arguments(recipe, name, seed)
                 if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
                     target = target.view(-1)[item.start : item.stop].view(item.shape)
-                    if item.start == 0:
-                        if not (piece is not None and piece.measure and not item.measure):  # else: writing what was measured
-                            piece = Piece(targets[name].numel())
-                        piece.begin(item.measure)
-                    piece.start = item.start
+                    piece = _next_piece(piece, item, targets[name].numel())
                 if spec.elementwise and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
                     try:
                         terms = WEIGHTED_SUMS[recipe.method]([m != self.base_name for m in inputs], **kwargs)
@@ -187,13 +183,7 @@ class Materializer:
                 base = self._as_float32(tensors[self.base_name], "source.base")
                 task = {m: self._task_vector(tensors[m], base, f"source.delta{j}") for j, m in enumerate(held[1:])}
                 deltas = [task.get(m) for m in inputs]
-                whole = self._host_task if self.store.placement == "host" else (lambda m, _name, task=task: task[m])
-                if spec.uses_magnitude and self.selection_cache:
-                    kwargs["magnitudes"] = self._derived(self._magnitudes, SortedMagnitudes, inputs, name, whole)
-                if spec.uses_ranks and self.selection_cache:
-                    kwargs["ranks"] = self._derived(self._ranks, row_ranks, inputs, name, whole)
-                if spec.param("rescale") is not None and kwargs["rescale"]:
-                    kwargs["l1"] = self._derived(self._l1, l1_norm, inputs, name, whole)
+                self._add_derived(kwargs, spec, inputs, name, task)
                 if isinstance(item, Span):
                     kwargs["piece"] = piece
                 out = target if target.dtype == torch.float32 else self.workspace.get("result", base)
@@ -201,6 +191,17 @@ class Materializer:
                     self._merge(merge, base, deltas, out, kwargs, recipe.method, name)  # collects; writes nothing
                     continue
                 self._merge_into(target, merge, base, deltas, out, kwargs, recipe.method, name)
+
+    def _add_derived(self, kwargs: dict, spec, inputs: list[str], name: str, task: dict[str, torch.Tensor]) -> None:
+        """The data the method reads from each whole task vector (sorted magnitudes, row ranks, L1 norms), built
+        on first use and cached: from `task` where the sources are on the device, else from the host's copy."""
+        whole = self._host_task if self.store.placement == "host" else (lambda m, _name: task[m])
+        if spec.uses_magnitude and self.selection_cache:
+            kwargs["magnitudes"] = self._derived(self._magnitudes, self._built(SortedMagnitudes), inputs, name, whole)
+        if spec.uses_ranks and self.selection_cache:
+            kwargs["ranks"] = self._derived(self._ranks, self._built(row_ranks), inputs, name, whole)
+        if spec.param("rescale") is not None and kwargs["rescale"]:
+            kwargs["l1"] = self._derived(self._l1, self._built(l1_norm), inputs, name, whole)
 
     def _arguments(self, recipe: Recipe, name: str, seed: int) -> dict:
         """The tensor function's keyword arguments for tensor `name`: every parameter, defaults filled."""
@@ -248,6 +249,21 @@ class Materializer:
         every = L1_CHUNK // math.gcd(shape[1], L1_CHUNK)  # rows per L1-aligned step
         rows = size // shape[1] // every * every
         return rows * shape[1] or None
+
+    def _built(self, build):
+        """build, run where it is fastest: a host task vector goes to an accelerator for the sort (numpy's
+        single-threaded sort of a 7B model's entries takes minutes), and what comes back is kept on the host."""
+        if self.store.placement != "host" or self.device.type == "cpu":
+            return build
+
+        def on_device(x: torch.Tensor):
+            made = build(x.to(self.device))
+            if isinstance(made, SortedMagnitudes):
+                made.values = made.values.cpu()
+                return made
+            return made.cpu() if isinstance(made, torch.Tensor) else made
+
+        return on_device
 
     def _host_task(self, model: str, name: str) -> torch.Tensor:
         """A whole task vector, formed in float32 where the sources are held (the host, for host placement):
@@ -341,3 +357,14 @@ class Materializer:
     def resident_bytes(self) -> int:
         """Bytes held on the device besides the live model: sources (or staging slots), caches and scratch."""
         return self.store.device_bytes() + self.cache_bytes() + self.workspace.nbytes()
+
+
+def _next_piece(piece: Piece | None, item: Span, numel: int) -> Piece:
+    """The Piece that carries `item`'s tensor from piece to piece: a new one at the tensor's first piece, except
+    that a writing pass keeps what its measuring pass collected."""
+    if item.start == 0:
+        if piece is None or not piece.measure or item.measure:
+            piece = Piece(numel)
+        piece.begin(item.measure)
+    piece.start = item.start
+    return piece

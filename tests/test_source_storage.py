@@ -24,6 +24,13 @@ TENSOR_METHODS = sorted(n for n in METHODS if METHODS[n].kind == TENSOR)
 MODES = [("float32", "device", True), ("auto", "host", True), ("auto", "device", False), ("float32", "host", False)]
 
 
+@pytest.fixture(autouse=True)
+def _stage_on_cpu(monkeypatch):
+    """Host placement on a CPU reads the host tensors in place; here it copies them into staging slots, as on a
+    GPU, so the staging code runs (test_host_placement_on_a_cpu_stages_nothing checks the plain CPU path)."""
+    monkeypatch.setattr(SourceStore, "STAGE_ON_CPU", True)
+
+
 def _value(p, i: int):
     """A valid value of parameter p for the i-th model: inside its bounds and away from them."""
     if p.is_bool:
@@ -82,6 +89,18 @@ def test_host_placement_merging_large_tensors_piece_by_piece_writes_the_same_bit
         largest_whole = max(math.prod(t.shape) for n, t in m.reference.tensors.items()
                             if n not in {p.name for p in pieces})
         assert m.store.device_bytes() <= 2 * 3 * max(4096, largest_whole) * 2
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_host_placement_on_a_cpu_stages_nothing(qwen2_bf16, monkeypatch, method):
+    monkeypatch.setattr(SourceStore, "STAGE_ON_CPU", False)
+    recipe = _recipe(method)
+    reference = Materializer(_sources(qwen2_bf16), "base").merged_state_dict(recipe, seed=3)
+    m = Materializer(_sources(qwen2_bf16), "base", placement="host")
+    m.piece_entries = 4096
+    merged = m.merged_state_dict(recipe, seed=3)
+    assert all(torch.equal(merged[n], t) for n, t in reference.items())
+    assert m.store.device_bytes() == 0 and m.workspace.nbytes() < 20 * 4096 * 4  # scratch of pieces
 
 
 @pytest.mark.slow

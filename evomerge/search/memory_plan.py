@@ -299,8 +299,9 @@ class Estimate:
         return None if device_unknown or self.host_ok is None else True
 
 
-def estimate(w: Workload, s: Setting, workers: Workers) -> Estimate:
-    """What one worker holds under setting s, by component (formulas in the module docstring)."""
+def estimate(w: Workload, s: Setting, workers: Workers, piece: int | None = None) -> Estimate:
+    """What one worker holds under setting s, by component (formulas in the module docstring). piece: entries
+    per piece with host placement (default: what the workers' kind of device uses)."""
     gpu = workers.gpu
     split = workers.split if gpu else 1
     dev = DEVICE if gpu else HOST
@@ -315,7 +316,7 @@ def estimate(w: Workload, s: Setting, workers: Workers) -> Estimate:
         r = w.reference
         largest = r.largest[1]
         parts.append(("live model", math.ceil(r.nbytes(m) / split), dev))
-        piece = piece_entries(gpu) if streamed else None
+        piece = (piece or piece_entries(gpu)) if streamed else None
         scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, not gpu, piece)
         parts.append(("scratch", scratch * 4, dev))
         if streamed:  # the largest item staged: a piece where every method of the space goes by pieces

@@ -7,7 +7,9 @@ dtype's size. Placement:
 - host: they live in (pinned) CPU memory and `stream` copies them to the device tensor by tensor into two
   staging slots: while the caller merges tensor i from one slot, tensor i+1 is copied into the other on a
   side CUDA stream, so the device holds only the live model, the staging slots and scratch.
-On a CPU device host placement runs the same staging code with plain copies (what the tests check).
+On a CPU device the host is the device: host placement reads the host tensors where they are (a copy would
+only move memory to memory), still merging large tensors piece by piece; tests set STAGE_ON_CPU to run the
+staging code there with plain copies.
 A worker split over several devices (evomerge.worker.layer_split) holds or stages each tensor on its
 layer's device.
 Sources are loaded on first use, so a data-flow search that touches two models reads two.
@@ -36,6 +38,8 @@ def storage_dtype(name: str | torch.dtype | None, stored: torch.dtype) -> torch.
 
 
 class SourceStore:
+    STAGE_ON_CPU = False  # copy into staging slots on a CPU device too (tests: the GPU's code path, on a CPU)
+
     def __init__(
         self,
         checkpoints: Mapping[str, Checkpoint],
@@ -97,7 +101,7 @@ class SourceStore:
         tensor) or a Span (a piece of one). With host placement the tensors are views of staging slots,
         valid until the caller asks for the next item; the slots hold the largest item of the call."""
         held = {m: self.tensors(m) for m in models}
-        if self.placement == "device":
+        if self.placement == "device" or (self.device.type == "cpu" and not self.STAGE_ON_CPU):
             for item in items:
                 yield item, {m: _part(held[m], item) for m in models}
             return

@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--no-legacy", action="store_true")
     ap.add_argument("--modes", type=int, default=len(MODES), help="run only the first N modes (after legacy)")
+    ap.add_argument("--placements", default="device,host", help="run only the modes of these placements")
     ap.add_argument("--child")
     ap.add_argument("--report", action="store_true", help="print the tables of the last (possibly partial) run")
     args = ap.parse_args()
@@ -206,7 +207,8 @@ def main() -> None:
         legacy_module()
     rows = []
     for k in (int(x) for x in args.k.split(",")):
-        modes = (["legacy"] if not args.no_legacy else []) + MODES[: args.modes]
+        modes = (["legacy"] if not args.no_legacy else []) + [
+            m for m in MODES[: args.modes] if m[1] in args.placements.split(",")]
         kernels = [False, True] if args.fused else [False]
         for mode in modes:
             for fused in kernels:

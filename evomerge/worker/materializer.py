@@ -169,15 +169,13 @@ class Materializer:
                 if name not in self.float_names:
                     target.copy_(tensors[self.base_name])  # integer tensors are not merged: the base's are kept
                     continue
-                kwargs = self._arguments(recipe, name, seed)
+                if isinstance(item, str) or item.start == 0:  # once per tensor (and pass), not per piece
+                    kwargs = self._arguments(recipe, name, seed)
+                    terms = self._terms(recipe, inputs, kwargs, name) if spec.elementwise else None
                 if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
                     target = target.view(-1)[item.start : item.stop].view(item.shape)
                     piece = _next_piece(piece, item, targets[name].numel())
-                if spec.elementwise and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
-                    try:
-                        terms = WEIGHTED_SUMS[recipe.method]([m != self.base_name for m in inputs], **kwargs)
-                    except ValueError as e:
-                        raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
+                if terms is not None and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
                     self._merge_blocks(terms, tensors, inputs, target)
                     continue
                 base = self._as_float32(tensors[self.base_name], "source.base")
@@ -203,6 +201,12 @@ class Materializer:
         if spec.param("rescale") is not None and kwargs["rescale"]:
             kwargs["l1"] = self._derived(self._l1, self._built(l1_norm), inputs, name, whole)
 
+    def _terms(self, recipe: Recipe, inputs: list[str], kwargs: dict, name: str) -> WeightedSum:
+        try:
+            return WEIGHTED_SUMS[recipe.method]([m != self.base_name for m in inputs], **kwargs)
+        except ValueError as e:
+            raise RecipeError(f"{recipe.method} on tensor {name}: {e}") from None
+
     def _arguments(self, recipe: Recipe, name: str, seed: int) -> dict:
         """The tensor function's keyword arguments for tensor `name`: every parameter, defaults filled."""
         spec = recipe.spec
@@ -218,9 +222,9 @@ class Materializer:
         """What the store streams: tensor names, or with host placement, the pieces of the large tensors a
         method can merge piece by piece (twice where rescale needs the kept L1 norms of the whole tensor
         first: a measuring pass, then the writing one)."""
-        if self.store.placement != "host":
-            return self.names
         spec, size = recipe.spec, self.piece_entries
+        if self.store.placement != "host" or (spec.elementwise and not self.store.stages):
+            return self.names  # nothing staged: entry-wise methods merge in blocks as they are
         items: list[str | Span] = []
         for name in self.names:
             meta = self.reference.tensors[name]

@@ -86,6 +86,11 @@ class SourceStore:
     def loaded(self) -> list[str]:
         return list(self._tensors)
 
+    @property
+    def stages(self) -> bool:
+        """Whether `stream` copies the tensors to the device (host placement, where the device is not the host)."""
+        return self.placement == "host" and (self.device.type != "cpu" or self.STAGE_ON_CPU)
+
     def held_bytes(self) -> int:
         """Bytes of the sources themselves (on the device or on the host, as placed)."""
         return sum(t.numel() * t.element_size() for d in self._tensors.values() for t in d.values())
@@ -101,7 +106,7 @@ class SourceStore:
         tensor) or a Span (a piece of one). With host placement the tensors are views of staging slots,
         valid until the caller asks for the next item; the slots hold the largest item of the call."""
         held = {m: self.tensors(m) for m in models}
-        if self.placement == "device" or (self.device.type == "cpu" and not self.STAGE_ON_CPU):
+        if not self.stages:
             for item in items:
                 yield item, {m: _part(held[m], item) for m in models}
             return

@@ -75,7 +75,8 @@ def child(spec: dict) -> dict:
     from evomerge.merge.recipe import Recipe
 
     fam = Family(base=Path(spec["base"]), sources=[Path(s) for s in spec["sources"]])
-    k, device = spec["k"], torch.device("cpu")
+    k, device = spec["k"], torch.device(spec.get("device", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     paths = {str(p): p for p in [fam.base, *fam.sources[:k]]}
     t = time.perf_counter()
     if spec["mode"] == "legacy":
@@ -99,20 +100,24 @@ def child(spec: dict) -> dict:
             m.workspace = type(m.workspace)(fused=spec["fused"])
             m.store._staging = [{}, {}]
         r = Recipe.from_mergekit(recipe(method, fam, k), where=method)
+        sync()
         t = time.perf_counter()
         m.materialize(r)
+        sync()
         first[method] = time.perf_counter() - t
         runs = []
         for _ in range(spec["repeats"]):
             t = time.perf_counter()
             m.materialize(r)
+            sync()
             runs.append(time.perf_counter() - t)
         times[method] = statistics.median(runs)
         if spec["mode"] != "legacy":
             per_method[method] = device_bytes(m, spec["mode"]) + live
     held = m.resident_bytes() if spec["mode"] == "legacy" else device_bytes(m, spec["mode"])
     return {"params": params, "load_s": load_s, "first_s": first, "times_s": times, "device_bytes": held + live,
-            "per_method_bytes": per_method, "scratch_bytes": m.workspace.nbytes(), "peak_rss": peak_rss()}
+            "per_method_bytes": per_method, "scratch_bytes": m.workspace.nbytes(), "peak_rss": peak_rss(),
+            "peak_device": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def device_bytes(m, mode) -> int:
@@ -121,6 +126,21 @@ def device_bytes(m, mode) -> int:
     base + task vectors + caches; scratch apart."""
     caches = m.cache_bytes() if mode[1] == "device" else 0
     return m.store.device_bytes() + caches + m.workspace.nbytes()
+
+
+def h2d_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
+    """Bytes per second of a pinned host buffer copied to the device (median of 5)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32).pin_memory()
+    dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst.copy_(src)
+    secs = []
+    for _ in range(5):
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        secs.append(time.perf_counter() - t)
+    return nbytes / statistics.median(secs)
 
 
 def peak_rss() -> int:
@@ -140,7 +160,7 @@ def run_child(spec: dict) -> dict:
 
 
 # -- the plan's estimate of the same components ----------------------------------------------------------------
-def planned(fam: Family, k: int, mode, methods: list[str], fused: bool) -> int:
+def planned(fam: Family, k: int, mode, methods: list[str], fused: bool, cuda: bool = False) -> int:
     """The plan's device bytes for a GPU worker in this mode, with the scratch of the kernel measured: the plan
     gives GPU workers the fused kernel's scratch, and this bench measures on the CPU, eager unless --fused."""
     from evomerge.config import RunConfig
@@ -156,11 +176,11 @@ def planned(fam: Family, k: int, mode, methods: list[str], fused: bool) -> int:
     gpu = Workers(gpu=True, per_node=1, gpus_each=1.0, device_free=None, host_available=None, source="bench")
     dtype, placement, cache = mode
     setting = Setting(placement, dtype, cache == "on")
-    piece = piece_entries(gpu=False) if placement == "host" else None  # what the CPU ran (a GPU's pieces are larger)
+    piece = piece_entries(gpu=cuda) if placement == "host" else None  # what the device ran (a GPU's pieces are larger)
     e = estimate(w, setting, gpu, piece=piece)
     counted = {"sources", "live model", "staging", "selection caches"}
     scratch = scratch_fp32_entries(w.k, w.methods, setting.selection_cache, setting.resolved(w),
-                                   live_dtype(w, setting), fused, w.reference.largest[1], True, piece) * 4
+                                   live_dtype(w, setting), fused, w.reference.largest[1], not cuda, piece) * 4
     return scratch + sum(b for name, b, where in e.parts if name in counted and where == "device")
 
 
@@ -182,6 +202,7 @@ def main() -> None:
     ap.add_argument("--no-legacy", action="store_true")
     ap.add_argument("--modes", type=int, default=len(MODES), help="run only the first N modes (after legacy)")
     ap.add_argument("--placements", default="device,host", help="run only the modes of these placements")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (legacy: cpu only; pass --no-legacy)")
     ap.add_argument("--child")
     ap.add_argument("--report", action="store_true", help="print the tables of the last (possibly partial) run")
     args = ap.parse_args()
@@ -202,7 +223,11 @@ def main() -> None:
         return
 
     fam, methods = family(args.size), args.methods.split(",")
-    bandwidth = copy_bandwidth(torch.device("cpu"))
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    if device.type == "cuda":
+        print(f"host-to-device (pinned) {h2d_bandwidth(device) / 1e9:.1f} GB/s: the bound of host placement is "
+              "the staged bytes (K+1 sources) over it", flush=True)
     if not args.no_legacy:
         legacy_module()
     rows = []
@@ -213,10 +238,11 @@ def main() -> None:
         for mode in modes:
             for fused in kernels:
                 spec = {"base": str(fam.base), "sources": [str(s) for s in fam.sources], "k": k, "mode": mode,
-                        "fused": fused, "methods": methods, "repeats": args.repeats}
+                        "fused": fused, "methods": methods, "repeats": args.repeats, "device": args.device}
                 res = run_child(spec)
                 rows.append({"k": k, "mode": mode, "fused": fused, **res,
-                             "plan_bytes": None if mode == "legacy" else planned(fam, k, mode, methods, fused)})
+                             "plan_bytes": None if mode == "legacy" else planned(fam, k, mode, methods, fused,
+                                                                                 device.type == "cuda")})
                 save(rows, bandwidth, args.size, methods)  # after every mode: an interrupted run keeps what it measured (--report)
                 print(f"k={k} {mode} {'fused' if fused else 'eager'}: done", file=sys.stderr, flush=True)
         if not args.no_mergekit:

@@ -165,7 +165,14 @@ def planned(fam: Family, k: int, mode, methods: list[str], fused: bool, cuda: bo
     gives GPU workers the fused kernel's scratch, and this bench measures on the CPU, eager unless --fused."""
     from evomerge.config import RunConfig
     from evomerge.search.capacity import Workers
-    from evomerge.search.memory_plan import Setting, estimate, live_dtype, piece_entries, read_workload, scratch_fp32_entries
+    from evomerge.search.memory_plan import (
+        Setting,
+        estimate,
+        live_dtype,
+        piece_entries,
+        read_workload,
+        scratch_fp32_entries,
+    )
 
     config = RunConfig.model_validate({
         "name": "bench", "sources": {"models": {f"m{i}": str(s) for i, s in enumerate(fam.sources[:k])},

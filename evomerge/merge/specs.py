@@ -60,6 +60,11 @@ class MethodSpec:
     # piece by piece (magnitude selections need sorted magnitudes for it; DELLA pieces hold whole rows)
     piecewise: bool = False
 
+    def goes_by_pieces(self, selection_cache: bool) -> bool:
+        """Whether host placement merges this method's large tensors piece by piece: entry-wise and piecewise
+        methods, magnitude selections only from their caches (an exact selection needs the whole tensor)."""
+        return self.elementwise or (self.piecewise and (selection_cache or not self.uses_magnitude))
+
     def model_count_problem(self, n: int) -> str | None:
         """None when `n` merged models suit the method, else what it needs ("exactly 2", "at least 1", ...)."""
         if self.min_models <= n and (self.max_models is None or n <= self.max_models):
@@ -128,6 +133,11 @@ BLOCK_ENTRIES = 1 << 17
 # BLOCK_ENTRIES); larger on accelerators, where each piece costs kernel launches. Multiples of L1_CHUNK.
 PIECE_ENTRIES = {"cpu": 1 << 18}
 PIECE_ENTRIES_DEFAULT = 1 << 22
+
+
+def piece_entries(device_type: str) -> int:
+    """Entries per piece on a device of this type ("cpu", "cuda", ...)."""
+    return PIECE_ENTRIES.get(device_type, PIECE_ENTRIES_DEFAULT)
 
 # Defaults follow mergekit 0.1.5 for the same parameters. Descriptions are one complete line each, and
 # distinct: `evomerge methods` prints them whole (wrapped, never cut); tests/test_methods_new.py checks.

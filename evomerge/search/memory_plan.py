@@ -22,7 +22,7 @@ parameter space (kind ps), placement device:
 placement host: the device holds the live model, scratch, activations and the staging area, STAGING_BUFFERS x
   (K+1) copies of the largest item staged in s (double buffered). Tensors larger than a piece (PIECE_ENTRIES)
   are staged and merged piece by piece by the methods that can (entry-wise ones, and the task-vector family,
-  magnitude selections from their caches: `goes_by_pieces`), so where every method of the space can, staging
+  magnitude selections from their caches: MethodSpec.goes_by_pieces), so where every method of the space can, staging
   and scratch are of a piece, not of the largest tensor. The host pins the sources per worker (every worker of
   a node holds its own copy) and holds the selection caches, built from the whole task vectors there.
 data flow (dfs): every source's own model in s, sum over sources of P x s (plus activations).
@@ -76,7 +76,7 @@ def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage:
 
     def entries(name: str) -> int:
         spec = METHODS[name]
-        size = min(largest, piece) if piece and goes_by_pieces(spec, cache) else largest
+        size = min(largest, piece) if piece and spec.goes_by_pieces(cache) else largest
         size = min(size, BLOCK_ENTRIES) if blocks and spec.elementwise else size
         return copies(spec) * size
 
@@ -220,16 +220,11 @@ def read_workload(config: RunConfig, config_dir: Path, where: str) -> Workload:
                     1 if auto else int(config.fitness.batch_size), auto, min(PLAN_SEQ_LEN, context), path_layers)
 
 
-def goes_by_pieces(spec, cache: bool) -> bool:
-    """Whether host placement merges a method's large tensors piece by piece (see Materializer._items):
-    entry-wise and piecewise methods, magnitude selections only from their caches."""
-    return spec.elementwise or (spec.piecewise and (cache or not spec.uses_magnitude))
-
-
 def piece_entries(gpu: bool) -> int:
-    from evomerge.merge.specs import PIECE_ENTRIES, PIECE_ENTRIES_DEFAULT
+    """Entries per piece with host placement on the workers' kind of device (merge.specs.piece_entries)."""
+    from evomerge.merge.specs import piece_entries as entries
 
-    return PIECE_ENTRIES_DEFAULT if gpu else PIECE_ENTRIES["cpu"]
+    return entries("cuda" if gpu else "cpu")
 
 
 def live_dtype(w: Workload, s: Setting) -> str:
@@ -323,7 +318,7 @@ def estimate(w: Workload, s: Setting, workers: Workers, piece: int | None = None
             from evomerge.merge.specs import METHODS
 
             specs = [METHODS[name] for name in w.methods]
-            staged = min(largest, piece) if all(goes_by_pieces(sp, s.selection_cache) for sp in specs) else largest
+            staged = min(largest, piece) if all(sp.goes_by_pieces(s.selection_cache) for sp in specs) else largest
             parts.append(("staging", STAGING_BUFFERS * (w.k + 1) * staged * STORAGE_BYTES[dtype], dev))
         if s.selection_cache and w.cache_bytes:  # built from the whole task vectors, where the sources are held
             parts.append(("selection caches", math.ceil(w.k * r.float_entries * w.cache_bytes / (1 if streamed else split)),

@@ -73,7 +73,8 @@ class Evaluator:
     and the calibration."""
 
     def __init__(self, config: RunConfig, config_dir: str | Path, *, device: str | torch.device = "cpu",
-                 worker: str = "local", node: str | None = None, devices=None) -> None:
+                 worker: str = "local", node: str | None = None,
+                 devices: list[str | torch.device] | None = None) -> None:
         """devices: split the models by layers over these (default: see evomerge.worker.layer_split)."""
         from transformers import AutoTokenizer
 

@@ -28,7 +28,7 @@ from evomerge.io.compat import check_compatible
 from evomerge.merge.methods import WEIGHTED_SUMS, Piece, WeightedSum, Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import L1_CHUNK, SortedMagnitudes, l1_norm, row_ranks
-from evomerge.merge.specs import BLOCK_ENTRIES, PIECE_ENTRIES, PIECE_ENTRIES_DEFAULT
+from evomerge.merge.specs import BLOCK_ENTRIES, piece_entries
 from evomerge.seeds import derive_seed
 from evomerge.worker.layer_split import LayerSplit, place
 from evomerge.worker.source_store import SourceStore, Span
@@ -66,7 +66,7 @@ class Materializer:
         fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes).
         storage_dtype, placement: how the sources are held (see SourceStore); store: one already holding
         them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
-        magnitudes / row ranks per task vector (None: on for a CPU device). split: the layers spread over
+        magnitudes / row ranks per task vector (None: on for a CPU device or host placement). split: the layers spread over
         several devices (the store's split where a store is given)."""
         if base not in sources:
             raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
@@ -94,7 +94,7 @@ class Materializer:
         self._l1: dict[tuple[str, str], float] = {}
         self.workspace = Workspace(fused=fused)
         self.block_entries = BLOCK_ENTRIES if self.device.type == "cpu" else None  # None: whole tensors
-        self.piece_entries = PIECE_ENTRIES.get(self.device.type, PIECE_ENTRIES_DEFAULT)  # host placement
+        self.piece_entries = piece_entries(self.device.type)  # host placement
         self._model = None
         self._targets: dict[str, torch.Tensor] | None = None
         self._plain: dict[str, torch.Tensor] | None = None
@@ -244,8 +244,8 @@ class Materializer:
     def _piece_entries(self, spec, shape: tuple[int, ...], size: int) -> int | None:
         """Entries per piece for a tensor of `shape` (None: merged whole): `size`, or whole rows for DELLA
         (a multiple of L1_CHUNK, so the L1 chunks of rescale fall the same as for the whole tensor)."""
-        if not (spec.elementwise or spec.piecewise) or (spec.uses_magnitude and not self.selection_cache):
-            return None  # an exact selection without sorted magnitudes needs the whole tensor on the device
+        if not spec.goes_by_pieces(self.selection_cache):
+            return None
         if not spec.uses_ranks:
             return size
         if len(shape) != 2:

@@ -453,6 +453,9 @@ def test_dashboard_follows_a_running_search(finished, tmp_path):
     root, _ = finished
     config = yaml.safe_load((root / "run.yaml").read_text())
     config["algorithm"]["generations"] = 8
+    # one item per forward pass: evaluations slow enough that the search is still running once the dashboard's
+    # server is up (with the default batch the whole search could finish during its start-up)
+    config["fitness"]["batch_size"] = 1
     (root / "run8.yaml").write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "running"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from evomerge.io.checkpoint import Checkpoint
+from evomerge.merge import fused
 from evomerge.merge.fused import out_of_memory
 from evomerge.merge.methods import merge_tensors
 from evomerge.merge.recipe import Recipe, layer_position
@@ -114,6 +115,25 @@ def test_pieces_write_the_same_bits_with_the_fused_kernel(qwen2_bf16, method):
     reference, merged = whole.merged_state_dict(recipe, seed=5), pieces.merged_state_dict(recipe, seed=5)
     for name, t in reference.items():
         assert torch.equal(merged[name], t), (method, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_the_compiled_weighted_sum_writes_the_eager_bits(qwen2_bf16, method):
+    """linear (normalized) and task arithmetic as one compiled pass over the sources as stored: the eager ops'
+    bits (their fused multiply-adds: the kernel is compiled with floating-point contraction), for one and two
+    fine-tunes, bf16 and float32 sources, whole tensors and pieces (host placement, staged)."""
+    two = _recipe(method)
+    one = Recipe.build(method, {"s0": {"weight": 0.7}}, base_model=two.base_model)
+    for recipe in (one, two):
+        reference = Materializer(_sources(qwen2_bf16), "base").merged_state_dict(recipe)
+        for dtype, placement in [("auto", "device"), ("float32", "device"), ("auto", "host")]:
+            m = Materializer(_sources(qwen2_bf16), "base", fused_sums=True, storage_dtype=dtype, placement=placement)
+            m.piece_entries = 4096
+            merged = m.merged_state_dict(recipe)
+            assert "weighted_sum" in fused._compiled and not fused._broken  # compiled, not the eager fallback
+            for name, t in reference.items():
+                assert torch.equal(merged[name], t), (method, len(recipe.models), dtype, placement, name)
 
 
 @pytest.mark.parametrize("method", sorted(n for n in TENSOR_METHODS if METHODS[n].elementwise))

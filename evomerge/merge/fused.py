@@ -1,4 +1,5 @@
-"""The task-arithmetic combine step as one compiled kernel (torch.compile).
+"""Compiled kernels (torch.compile): the task-arithmetic combine step, and the weighted sum of linear and task
+arithmetic (one pass over the sources as stored, with the eager ops' bits).
 
 In plain torch ops a TIES combine of N task vectors makes ~6N+10 passes over memory; compiled, it
 reads each task vector and the base once and writes the result once, which is what the memory-
@@ -22,6 +23,7 @@ from evomerge.merge.sparsify import KEEP_EVERY, L1_CHUNK, hash_lanes
 log = logging.getLogger(__name__)
 
 _compiled: dict[str, object] = {}
+RECOMPILES = 64
 _broken = False
 
 
@@ -92,22 +94,58 @@ def out_of_memory(e: BaseException) -> bool:
     return False
 
 
-def _run(name: str, fn, *args):
-    """fn compiled (once per process and argument structure), or as plain ops if compilation fails.
-    Running out of memory is not a compilation failure: it is raised, never hidden behind the fallback
-    (the eager ops would need more memory still)."""
+def _weighted_sum(out: Tensor, base: Tensor, sources: list[Tensor], coef: Tensor) -> None:
+    """out = base + sum_i coef_i (source_i - base), each task vector formed in float32 from the sources as
+    stored: one pass that reads the sources and writes out, where the eager ops make 3K + 2."""
+    b = base.float()
+    total = b
+    for i, s in enumerate(sources):
+        total = total + (s.float() - b) * coef[i]
+    out.copy_(total)
+
+
+def _weighted_sum_eager(out: Tensor, base: Tensor, sources: list[Tensor], coef: Tensor) -> None:
+    """_weighted_sum's bits in eager ops (add with alpha: the same fused multiply-add per entry)."""
+    b = base.float()
+    total = b.clone()
+    for s, c in zip(sources, coef.tolist()):
+        total.add_(s.float() - b, alpha=c)
+    out.copy_(total)
+
+
+# Eager CPU add-with-alpha is one fused multiply-add per entry; letting the C++ compiler contract
+# `total + delta * c` makes the compiled weighted sum that same instruction, so its bits are eager's
+# (tests/test_source_storage.py). The kernel multiplies nothing else, so there is no other product to contract.
+_OPTIONS = {"weighted_sum": {"cpp.enable_floating_point_contract_flag": "fast"}}
+
+
+def _run(name: str, fn, *args, fallback=None):
+    """fn compiled (once per process and argument structure), or as plain ops (`fallback`, else fn itself)
+    if compilation fails. Running out of memory is not a compilation failure: it is raised, never hidden
+    behind the fallback (the eager ops would need more memory still)."""
     global _broken
     if not _broken:
         try:
             if name not in _compiled:
-                _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+                # one graph per number of models, dtype and flag combination (the combine kernel has 24 for
+                # K <= 3): dynamo's default limit of 8 per function would end the compiled kernels mid-search
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
+                _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS.get(name))
             return _compiled[name](*args)
         except Exception as e:  # compilation needs a working compiler toolchain; degrade, don't fail
             if out_of_memory(e):
                 raise
             _broken = True
             log.warning("fused merge kernels unavailable (%s: %s); using eager ops", type(e).__name__, e)
-    return fn(*args)
+    return (fallback or fn)(*args)
+
+
+def fused_weighted_sum(out: Tensor, base: Tensor, sources: Sequence[Tensor], coefs: Sequence[float]) -> None:
+    """out = base + sum_i coefs_i (sources_i - base) in float32, written in out's dtype: the bits of
+    WeightedSum.apply with scale 1 on float32 task vectors, in one pass over the sources as they are stored."""
+    coef = torch.tensor(coefs, dtype=torch.float32, device=base.device)
+    _run("weighted_sum", _weighted_sum, out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources], coef,
+         fallback=_weighted_sum_eager)
 
 
 def _draw(part) -> tuple[int, int, int]:

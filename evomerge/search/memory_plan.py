@@ -11,7 +11,7 @@ parameter space (kind ps), placement device:
   scratch           scratch_fp32_entries(...): fp32 copies of the largest tensor, the most any method of the
                     space needs (measured by bench/bench_memory.py): linear K + 2 (CPU workers merge linear and
                     task_arithmetic in blocks: copies of a block of BLOCK_ENTRIES), other task-vector methods
-                    2K + 2 (task arithmetic: K + 2, like linear), sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with
+                    2K + 2 (task arithmetic: K + 2 like linear, none with the compiled kernels), sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with
                     the fused kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each
                     model's kept entries, at worst); - 1 each for float32 sources and a float32 live model
   selection caches  when on: K x P_float x 4 (TIES, breadcrumbs) + K x P_float x 2 (DELLA), for the methods the
@@ -69,7 +69,8 @@ def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage:
     """fp32 entries a worker keeps as scratch when it merges K fine-tunes with any of `methods`: copies of the
     largest tensor (`largest` entries; the buffers grow to the largest request, so the costliest method sets
     it). Sources stored in float32 need no fp32 copy of the base, a float32 live model no result buffer.
-    `fused`: the compiled combine kernel (what GPU workers run); `blocks`: elementwise methods merge tensors
+    `fused`: the compiled kernels (what GPU workers run; linear is planned as eager: unnormalized, it is);
+    `blocks`: elementwise methods merge tensors
     larger than BLOCK_ENTRIES in blocks of that size (CPU workers), so their copies are of a block; `piece`:
     sources on the host, so methods that can merge tensors piece by piece keep copies of a piece."""
     from evomerge.merge.specs import BLOCK_ENTRIES, METHODS
@@ -81,6 +82,8 @@ def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage:
         return copies(spec) * size
 
     def copies(spec) -> int:
+        if fused and spec.name == "task_arithmetic":  # a weighted sum with scale 1: one compiled pass, no scratch
+            return 0
         per, fixed = (SCRATCH_AVERAGE if spec.elementwise else
                       SCRATCH_SPARSIFY_EAGER if spec.param("density") and not fused else
                       SCRATCH_TASK_VECTORS if spec.needs_base else SCRATCH_AVERAGE)

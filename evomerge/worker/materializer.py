@@ -25,6 +25,7 @@ import torch
 from evomerge.errors import RecipeError
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.compat import check_compatible
+from evomerge.merge.fused import fused_weighted_sum
 from evomerge.merge.methods import WEIGHTED_SUMS, Piece, WeightedSum, Workspace, tensor_function
 from evomerge.merge.recipe import Recipe, layer_position
 from evomerge.merge.sparsify import L1_CHUNK, SortedMagnitudes, l1_norm, row_ranks
@@ -56,6 +57,7 @@ class Materializer:
         model_dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
         fused: bool = False,
+        fused_sums: bool | None = None,
         storage_dtype: str | torch.dtype | None = "auto",
         placement: str = "device",
         selection_cache: bool | None = None,
@@ -63,7 +65,8 @@ class Materializer:
         split: LayerSplit | None = None,
     ) -> None:
         """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
-        fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes).
+        fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes);
+        fused_sums: that for linear and task arithmetic only (default: as fused; bits as the eager ops').
         storage_dtype, placement: how the sources are held (see SourceStore); store: one already holding
         them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
         magnitudes / row ranks per task vector (None: on for a CPU device or host placement). split: the layers spread over
@@ -92,7 +95,7 @@ class Materializer:
         self._magnitudes: dict[tuple[str, str], SortedMagnitudes] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str], float] = {}
-        self.workspace = Workspace(fused=fused)
+        self.workspace = Workspace(fused=fused, fused_sums=fused_sums)
         self.block_entries = BLOCK_ENTRIES if self.device.type == "cpu" else None  # None: whole tensors
         self.piece_entries = piece_entries(self.device.type)  # host placement
         self._model = None
@@ -175,6 +178,9 @@ class Materializer:
                 if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
                     target = target.view(-1)[item.start : item.stop].view(item.shape)
                     piece = _next_piece(piece, item, targets[name].numel())
+                if terms is not None and self.workspace.fused_sums and terms.scale == 1.0:
+                    self._fused_sum(terms, tensors, inputs, target)
+                    continue
                 if terms is not None and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
                     self._merge_blocks(terms, tensors, inputs, target)
                     continue
@@ -308,6 +314,13 @@ class Materializer:
             terms.apply(base, deltas, out)
             if out is not into:
                 into.copy_(out)
+
+    def _fused_sum(self, terms: WeightedSum, tensors: Mapping[str, torch.Tensor], inputs: list[str],
+                   target: torch.Tensor) -> None:
+        """An entry-wise method with scale 1 (task arithmetic; linear, normalized) as one compiled pass over
+        the sources as stored, with the bits of the eager ops (the base's own term adds nothing)."""
+        terms_of = [(c, tensors[m]) for c, m in zip(terms.coefs, inputs) if m != self.base_name]
+        fused_weighted_sum(target, tensors[self.base_name], [t for _, t in terms_of], [c for c, _ in terms_of])
 
     def _merge_into(self, target, merge, base, deltas, out, kwargs, method: str, name: str) -> None:
         """merge(...) written into `target` (directly where `out` is it, else copied from scratch)."""

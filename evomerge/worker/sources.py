@@ -22,6 +22,11 @@ from evomerge.io.paths import resolve_model
 from evomerge.worker.layer_split import LayerSplit, place, worker_devices
 from evomerge.worker.source_store import SourceStore
 
+# CPU workers compile the weighted-sum kernel from this model size: it compiles in 10-20 s once per worker and
+# saves 0.2-0.7 ms per million parameters and candidate at K = 2-3 (bench/bench_memory.py --fused, 100M bf16),
+# so from 1B parameters it repays its compile within a few dozen candidates
+FUSED_SUMS_CPU_PARAMS = 10**9
+
 
 class SourceModels:
     def __init__(self, config: RunConfig, config_dir: str | Path, device: str | torch.device = "cpu",
@@ -67,10 +72,13 @@ class SourceModels:
             from evomerge.worker.materializer import Materializer
 
             # the compiled combine kernel pays off on accelerators; on CPU each worker would spend seconds
-            # compiling it for a kernel no faster than the eager ops there (bench/bench_memory.py)
+            # compiling it for a kernel no faster than the eager ops there (bench/bench_memory.py), except the
+            # weighted sum's, for models large enough that the time it saves per candidate repays its compile
+            cpu = self.device.type == "cpu"
+            params = sum(m.numel for m in self.store.checkpoints[self.base_ref].tensors.values())
             self._materializer = Materializer(self.paths, self.base_ref, device=self.device, model_dtype=self.dtype,
                                               store=self.store, selection_cache=self.selection_cache,
-                                              fused=self.device.type != "cpu")
+                                              fused=not cpu, fused_sums=not cpu or params >= FUSED_SUMS_CPU_PARAMS)
         return self._materializer
 
     @property

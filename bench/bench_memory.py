@@ -185,9 +185,10 @@ def planned(fam: Family, k: int, mode, methods: list[str], fused: bool, cuda: bo
     setting = Setting(placement, dtype, cache == "on")
     piece = piece_entries(gpu=cuda) if placement == "host" else None  # what the device ran (a GPU's pieces are larger)
     e = estimate(w, setting, gpu, piece=piece)
-    counted = {"sources", "live model", "staging", "selection caches"}
+    counted = {"sources", "live model", "selection caches"} | ({"staging"} if cuda else set())  # a CPU stages nothing
     scratch = scratch_fp32_entries(w.k, w.methods, setting.selection_cache, setting.resolved(w),
-                                   live_dtype(w, setting), fused, w.reference.largest[1], not cuda, piece) * 4
+                                   live_dtype(w, setting), fused, w.reference.largest[1], not cuda, piece,
+                                   staged=cuda) * 4
     return scratch + sum(b for name, b, where in e.parts if name in counted and where == "device")
 
 

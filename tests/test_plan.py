@@ -64,6 +64,10 @@ def test_components_from_headers_equal_hand_computed_bytes(llama, tmp_path):
         "scratch": ((3 * K + 6 + K + 1 - 2) * largest * 4, "host"), "selection caches": (K * P * 4, "host"),
         "activations": (activations(4, cpu=True), "host"), "worker process": (mp.WORKER_PROCESS_BYTES, "host")}
     assert cpu.host_node == sum(b for b, _ in parts(cpu).values()) and cpu.per_gpu == 0
+    # host placement on a CPU stages nothing, and methods that may rescale (all of ties_dare's) merge whole
+    # tensors there rather than pay a measuring pass, even where a piece is smaller than the largest tensor
+    cpu_host = parts(estimate(w, Setting("host", "auto", True), CPU, piece=4096))
+    assert "staging" not in cpu_host and cpu_host["scratch"] == parts(cpu)["scratch"]
     # stored in bf16: sources and the live model (built in the storage dtype) halve
     half = parts(estimate(w, Setting("device", "bfloat16", False), CPU))
     assert half["sources"][0] == (K + 1) * P * 2 and half["live model"][0] == P * 2

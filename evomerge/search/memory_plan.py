@@ -29,7 +29,8 @@ data flow (dfs): every source's own model in s, sum over sources of P x s (plus 
 hybrid: the sources once (shared by the merge and the routing) + the merged live model + scratch + caches.
 host placement for dfs and hybrid: the routed models copy the sources they run onto the device, so the device
   holds them besides the host's pinned copy: offered only for parameter-space searches on GPU workers.
-CPU workers: every component is in host RAM, shared by the node's workers (host placement adds the staging).
+CPU workers: every component is in host RAM, shared by the node's workers (host placement stages nothing there,
+  and methods that rescale merge whole tensors rather than measure them in a pass of their own).
 
 The constants below are estimates to tune against measured memory (bench/plan_7b.py prints the 7B plan).
 """
@@ -65,19 +66,22 @@ WORKER_PROCESS_BYTES = 2**30  # per worker, host RAM: torch + transformers + lm-
 
 
 def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage: str, live: str, fused: bool,
-                         largest: int, blocks: bool = False, piece: int | None = None) -> int:
+                         largest: int, blocks: bool = False, piece: int | None = None, staged: bool = True) -> int:
     """fp32 entries a worker keeps as scratch when it merges K fine-tunes with any of `methods`: copies of the
     largest tensor (`largest` entries; the buffers grow to the largest request, so the costliest method sets
     it). Sources stored in float32 need no fp32 copy of the base, a float32 live model no result buffer.
     `fused`: the compiled kernels (what GPU workers run; linear is planned as eager: unnormalized, it is);
     `blocks`: elementwise methods merge tensors
     larger than BLOCK_ENTRIES in blocks of that size (CPU workers), so their copies are of a block; `piece`:
-    sources on the host, so methods that can merge tensors piece by piece keep copies of a piece."""
+    sources on the host, so methods that can merge tensors piece by piece keep copies of a piece; `staged`: the
+    pieces are copied to another device (on a CPU, where they are not, methods that rescale merge whole tensors
+    rather than measure each tensor in a pass of its own)."""
     from evomerge.merge.specs import BLOCK_ENTRIES, METHODS
 
     def entries(name: str) -> int:
         spec = METHODS[name]
-        size = min(largest, piece) if piece and spec.goes_by_pieces(cache) else largest
+        pieces = piece and spec.goes_by_pieces(cache) and (staged or spec.param("rescale") is None)
+        size = min(largest, piece) if pieces else largest
         size = min(size, BLOCK_ENTRIES) if blocks and spec.elementwise else size
         return copies(spec) * size
 
@@ -315,9 +319,10 @@ def estimate(w: Workload, s: Setting, workers: Workers, piece: int | None = None
         largest = r.largest[1]
         parts.append(("live model", math.ceil(r.nbytes(m) / split), dev))
         piece = (piece or piece_entries(gpu)) if streamed else None
-        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, not gpu, piece)
+        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, not gpu, piece,
+                                       staged=gpu)
         parts.append(("scratch", scratch * 4, dev))
-        if streamed:  # the largest item staged: a piece where every method of the space goes by pieces
+        if streamed and gpu:  # the largest item staged (a CPU stages nothing): a piece where every method goes by pieces
             from evomerge.merge.specs import METHODS
 
             specs = [METHODS[name] for name in w.methods]

@@ -227,7 +227,7 @@ class Materializer:
     def _items(self, recipe: Recipe) -> list[str | Span]:
         """What the store streams: tensor names, or with host placement, the pieces of the large tensors a
         method can merge piece by piece (twice where rescale needs the kept L1 norms of the whole tensor
-        first: a measuring pass, then the writing one)."""
+        first: a measuring pass, then the writing one; where nothing is staged, such tensors go whole)."""
         spec, size = recipe.spec, self.piece_entries
         if self.store.placement != "host" or (spec.elementwise and not self.store.stages):
             return self.names  # nothing staged: entry-wise methods merge in blocks as they are
@@ -243,6 +243,9 @@ class Materializer:
             spans = [Span(name, a, min(a + step, n), (-1, meta.shape[1]) if rows else (-1,)) for a in range(0, n, step)]
             kwargs = recipe.resolve(name, layer_position(name, self.num_layers))
             if spec.piecewise and spec.param("rescale") is not None and kwargs["rescale"]:
+                if not self.store.stages:  # the device is the host: pieces would only save scratch, at a pass's cost
+                    items.append(name)
+                    continue
                 items += [s._replace(measure=True) for s in spans]
             items += spans
         return items

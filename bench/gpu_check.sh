@@ -3,7 +3,8 @@
 #   1. bench_memory.py on the 1B family (K=2): device and host placement, eager and fused, ms per candidate
 #      against the device's copy bound (HBM) and, for host placement, the host-to-device bound (PCIe);
 #   2. check_split.py: a worker split by layers across two devices (cuda:0 + cpu on a one-GPU machine)
-#      merges bit for bit like one device and gives the same logits.
+#      merges bit for bit like one device and gives the same logits;
+#   3. check_fused_sums.py: the compiled weighted sum (linear, task arithmetic) writes the eager ops' bits.
 # Needs torch with CUDA, transformers, safetensors and pydantic; where they are missing (a bare GPU image),
 # `bash bench/gpu_wheels.sh` fetches the wheels into .whl/ first, which this script installs to /tmp/site.
 # A tiny search with CUDA workers needs Ray, lm-eval and pymoo as well: run `evomerge search` there by hand.
@@ -27,4 +28,5 @@ status=0
 "$PY" bench/bench_memory.py --size "$SIZE" --k 2 --repeats 3 --device "$DEVICE" --fused --no-mergekit --no-legacy \
   --methods linear,ties,dare_ties,della 2>&1 | tee "$OUT/bench_memory.txt" || status=1
 "$PY" bench/check_split.py --devices "$SPLIT" 2>&1 | tee "$OUT/check_split.txt" || status=1
+"$PY" bench/check_fused_sums.py --device "$DEVICE" 2>&1 | tee "$OUT/check_fused_sums.txt" || status=1
 exit $status

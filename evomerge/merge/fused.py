@@ -23,7 +23,7 @@ from evomerge.merge.sparsify import KEEP_EVERY, L1_CHUNK, hash_lanes
 log = logging.getLogger(__name__)
 
 _compiled: dict[str, object] = {}
-RECOMPILES = 64
+RECOMPILES = 64  # graphs dynamo may compile per kernel (see _run)
 _broken = False
 
 
@@ -140,10 +140,19 @@ def _run(name: str, fn, *args, fallback=None):
     return (fallback or fn)(*args)
 
 
+def _on(device: torch.device, values, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A kernel's small argument tensor on `device`, without a host sync: a plain copy to a GPU from pageable
+    memory waits for the stream to drain, which per tensor would stall the pipelined merge."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t if device.type == "cpu" else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
 def fused_weighted_sum(out: Tensor, base: Tensor, sources: Sequence[Tensor], coefs: Sequence[float]) -> None:
     """out = base + sum_i coefs_i (sources_i - base) in float32, written in out's dtype: the bits of
     WeightedSum.apply with scale 1 on float32 task vectors, in one pass over the sources as they are stored."""
-    coef = torch.tensor(coefs, dtype=torch.float32, device=base.device)
+    coef = _on(base.device, coefs)
     _run("weighted_sum", _weighted_sum, out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources], coef,
          fallback=_weighted_sum_eager)
 
@@ -155,7 +164,7 @@ def _draw(part) -> tuple[int, int, int]:
 def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, consensus: bool, normalize: bool, ws=None) -> None:
     """Same result as the eager combine (up to float rounding), in one pass over memory."""
     dev = base.device
-    vec = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=dev)
+    vec = lambda values, dtype=torch.float32: _on(dev, values, dtype)
     draws = [_draw(p) for p in parts]
     _run(
         "combine", _kernel,
@@ -174,7 +183,7 @@ def fused_kept_partials(part) -> Tensor:
     src = part.src.reshape(-1)
     dev = src.device
     seed, threshold, offset = _draw(part)
-    scalar = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=dev)
+    scalar = lambda v, dtype=torch.float32: _on(dev, v, dtype)
     args = (scalar(part.keep.lo), scalar(part.keep.hi), scalar(seed, torch.int64), scalar(threshold, torch.int64))
     random = part.draw is not None
     full = src.numel() // L1_CHUNK * L1_CHUNK

@@ -10,10 +10,11 @@ parameter space (kind ps), placement device:
   live model        P x m / g
   scratch           scratch_fp32_entries(...): fp32 copies of the largest tensor, the most any method of the
                     space needs (measured by bench/bench_memory.py): linear K + 2 (CPU workers merge linear and
-                    task_arithmetic in blocks: copies of a block of BLOCK_ENTRIES), other task-vector methods
-                    2K + 2 (task arithmetic: K + 2 like linear, none with the compiled kernels), sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with
-                    the fused kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each
-                    model's kept entries, at worst); - 1 each for float32 sources and a float32 live model
+                    task_arithmetic in blocks: copies of a block of BLOCK_ENTRIES), task arithmetic the same
+                    in eager ops and none compiled (GPU workers), other task-vector methods 2K + 2,
+                    sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with the fused
+                    kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each model's
+                    kept entries, at worst); - 1 each for float32 sources and a float32 live model
   selection caches  when on: K x P_float x 4 (TIES, breadcrumbs) + K x P_float x 2 (DELLA), for the methods the
                     space can produce; auto: on for CPU workers and with host placement, off on GPU workers
   activations       see `activation_bytes`
@@ -71,11 +72,10 @@ def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage:
     largest tensor (`largest` entries; the buffers grow to the largest request, so the costliest method sets
     it). Sources stored in float32 need no fp32 copy of the base, a float32 live model no result buffer.
     `fused`: the compiled kernels (what GPU workers run; linear is planned as eager: unnormalized, it is);
-    `blocks`: elementwise methods merge tensors
-    larger than BLOCK_ENTRIES in blocks of that size (CPU workers), so their copies are of a block; `piece`:
-    sources on the host, so methods that can merge tensors piece by piece keep copies of a piece; `staged`: the
-    pieces are copied to another device (on a CPU, where they are not, methods that rescale merge whole tensors
-    rather than measure each tensor in a pass of its own)."""
+    `blocks`: elementwise methods merge tensors larger than BLOCK_ENTRIES in blocks of that size (CPU
+    workers), so their copies are of a block; `piece`: sources on the host, so methods that can merge tensors
+    piece by piece keep copies of a piece; `staged`: the pieces are copied to another device (on a CPU, where
+    they are not, methods that rescale merge whole tensors rather than measure each in a pass of its own)."""
     from evomerge.merge.specs import BLOCK_ENTRIES, METHODS
 
     def entries(name: str) -> int:

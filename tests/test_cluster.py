@@ -167,7 +167,9 @@ def test_a_search_spans_two_nodes_and_survives_losing_one(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_a_stopped_job_is_resumed_on_the_cluster_and_here_without_evaluating_twice(cluster, tmp_path):
-    pop, gens = 4, 16
+    # generations enough that each stop lands mid-search: a stop takes seconds to reach the job, and at 16 the
+    # resumed job once finished all 64 candidates before its stop did
+    pop, gens = 4, 32
     root = _workspace(tmp_path, gens, count=1)
     run_dir = tmp_path / "runs" / "stopped"
     job_id = evomerge("submit", str(root / "run.yaml"), "--address", cluster.dashboard, "--run-dir",

@@ -136,7 +136,7 @@ def test_the_compiled_weighted_sum_writes_the_eager_bits(qwen2_bf16, method):
     for recipe in (one, two):
         reference = Materializer(_sources(qwen2_bf16), "base").merged_state_dict(recipe)
         for dtype, placement in [("auto", "device"), ("float32", "device"), ("auto", "host")]:
-            m = Materializer(_sources(qwen2_bf16), "base", fused_sums=True, storage_dtype=dtype, placement=placement)
+            m = Materializer(_sources(qwen2_bf16), "base", fused=True, storage_dtype=dtype, placement=placement)
             m.piece_entries = 4096
             merged = m.merged_state_dict(recipe)
             assert "weighted_sum" in fused._compiled and not fused._broken  # compiled, not the eager fallback

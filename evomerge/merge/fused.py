@@ -61,7 +61,7 @@ def _kernel(
         total = base
         for k in kept:
             total = total + k
-        out.copy_(total)
+        out.view(-1).copy_(total)
         return
     summed = kept[0]
     for k in kept[1:]:
@@ -75,7 +75,7 @@ def _kernel(
         divisor = divisor + torch.where(agree, weight[i], 0.0)
     if normalize:
         agreeing = agreeing / torch.where(divisor == 0, 1.0, divisor)
-    out.copy_(base + lam * agreeing)
+    out.view(-1).copy_(base + lam * agreeing)
 
 
 def _kept_l1(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, offset: Tensor, random: bool) -> Tensor:
@@ -101,7 +101,7 @@ def _weighted_sum(out: Tensor, base: Tensor, sources: list[Tensor], coef: Tensor
     total = b
     for i, s in enumerate(sources):
         total = total + (s.float() - b) * coef[i]
-    out.copy_(total)
+    out.view(-1).copy_(total)
 
 
 def _weighted_sum_eager(out: Tensor, base: Tensor, sources: list[Tensor], coef: Tensor) -> None:
@@ -110,7 +110,7 @@ def _weighted_sum_eager(out: Tensor, base: Tensor, sources: list[Tensor], coef: 
     total = b.clone()
     for s, c in zip(sources, coef.tolist()):
         total.add_(s.float() - b, alpha=c)
-    out.copy_(total)
+    out.view(-1).copy_(total)
 
 
 # Eager CPU add-with-alpha is one fused multiply-add per entry; letting the C++ compiler contract
@@ -153,7 +153,7 @@ def fused_weighted_sum(out: Tensor, base: Tensor, sources: Sequence[Tensor], coe
     """out = base + sum_i coefs_i (sources_i - base) in float32, written in out's dtype: the bits of
     WeightedSum.apply with scale 1 on float32 task vectors, in one pass over the sources as they are stored."""
     coef = _on(base.device, coefs)
-    _run("weighted_sum", _weighted_sum, out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources], coef,
+    _run("weighted_sum", _weighted_sum, out, base.reshape(-1), [s.reshape(-1) for s in sources], coef,
          fallback=_weighted_sum_eager)
 
 
@@ -168,7 +168,7 @@ def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, con
     draws = [_draw(p) for p in parts]
     _run(
         "combine", _kernel,
-        out.view(-1), base.reshape(-1), [p.src.reshape(-1) for p in parts],
+        out, base.reshape(-1), [p.src.reshape(-1) for p in parts],
         vec([p.keep.lo for p in parts]), vec([p.keep.hi for p in parts]),
         vec([d[0] for d in draws], torch.int64), vec([d[1] for d in draws], torch.int64),
         vec(max((d[2] for d in draws), default=0), torch.int64),

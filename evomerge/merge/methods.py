@@ -70,12 +70,10 @@ def tensor_function(method: str) -> TensorFunction:
 
 class Workspace:
     """Scratch buffers, one per named slot, grown to the largest request seen; and the choice of
-    kernels (compiled: one pass over memory, for callers that merge many times): `fused` for every method,
-    `fused_sums` for the weighted sums of linear and task arithmetic only (default: as `fused`)."""
+    kernels (fused: compiled, one pass over memory, for callers that merge many times)."""
 
-    def __init__(self, fused: bool = False, fused_sums: bool | None = None) -> None:
+    def __init__(self, fused: bool = False) -> None:
         self.fused = fused
-        self.fused_sums = fused if fused_sums is None else fused_sums
         self._bufs: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
     def get_flat(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -57,7 +57,6 @@ class Materializer:
         model_dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
         fused: bool = False,
-        fused_sums: bool | None = None,
         storage_dtype: str | torch.dtype | None = "auto",
         placement: str = "device",
         selection_cache: bool | None = None,
@@ -65,8 +64,8 @@ class Materializer:
         split: LayerSplit | None = None,
     ) -> None:
         """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
-        fused: combine with one compiled kernel (seconds to compile once; pays off over many recipes);
-        fused_sums: that for linear and task arithmetic only (default: as fused; bits as the eager ops').
+        fused: compiled kernels (seconds to compile once; pays off over many recipes): the combine step of the
+        task-arithmetic family, and linear and task arithmetic in one pass (with the eager ops' bits).
         storage_dtype, placement: how the sources are held (see SourceStore); store: one already holding
         them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
         magnitudes / row ranks per task vector (None: on for a CPU device or host placement). split: the layers spread over
@@ -95,7 +94,7 @@ class Materializer:
         self._magnitudes: dict[tuple[str, str], SortedMagnitudes] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str], float] = {}
-        self.workspace = Workspace(fused=fused, fused_sums=fused_sums)
+        self.workspace = Workspace(fused=fused)
         self.block_entries = BLOCK_ENTRIES if self.device.type == "cpu" else None  # None: whole tensors
         self.piece_entries = piece_entries(self.device.type)  # host placement
         self._model = None
@@ -178,7 +177,7 @@ class Materializer:
                 if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
                     target = target.view(-1)[item.start : item.stop].view(item.shape)
                     piece = _next_piece(piece, item, targets[name].numel())
-                if terms is not None and self.workspace.fused_sums and terms.scale == 1.0:
+                if terms is not None and self.workspace.fused and terms.scale == 1.0:
                     self._fused_sum(terms, tensors, inputs, target)
                     continue
                 if terms is not None and (isinstance(item, Span) or self._blockwise(target, tensors, held)):

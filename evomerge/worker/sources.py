@@ -22,10 +22,12 @@ from evomerge.io.paths import resolve_model
 from evomerge.worker.layer_split import LayerSplit, place, worker_devices
 from evomerge.worker.source_store import SourceStore
 
-# CPU workers compile the weighted-sum kernel from this model size: it compiles in 10-20 s once per worker and
-# saves 0.2-0.7 ms per million parameters and candidate at K = 2-3 (bench/bench_memory.py --fused, 100M bf16),
-# so from 1B parameters it repays its compile within a few dozen candidates
-FUSED_SUMS_CPU_PARAMS = 10**9
+# The compiled kernels pay off on accelerators at once; CPU workers compile them from this model size: each
+# graph (per K, dtype and method flags) takes 10-20 s once per worker, and per million parameters and candidate
+# they save 0.2-0.7 ms (linear, task arithmetic), 3.5 ms (TIES) and 8 ms (DARE-TIES) at K = 2-3
+# (bench/bench_memory.py --fused, 100M bf16), so from 1B parameters they repay the compiles within a few dozen
+# candidates, where a small model's search (the demo's 135M) would spend its first minutes compiling
+FUSED_CPU_PARAMS = 10**9
 
 
 class SourceModels:
@@ -71,14 +73,10 @@ class SourceModels:
         if self._materializer is None:
             from evomerge.worker.materializer import Materializer
 
-            # the compiled combine kernel pays off on accelerators; on CPU each worker would spend seconds
-            # compiling it for a kernel no faster than the eager ops there (bench/bench_memory.py), except the
-            # weighted sum's, for models large enough that the time it saves per candidate repays its compile
-            cpu = self.device.type == "cpu"
             params = sum(m.numel for m in self.store.checkpoints[self.base_ref].tensors.values())
+            fused = self.device.type != "cpu" or params >= FUSED_CPU_PARAMS
             self._materializer = Materializer(self.paths, self.base_ref, device=self.device, model_dtype=self.dtype,
-                                              store=self.store, selection_cache=self.selection_cache,
-                                              fused=not cpu, fused_sums=not cpu or params >= FUSED_SUMS_CPU_PARAMS)
+                                              store=self.store, selection_cache=self.selection_cache, fused=fused)
         return self._materializer
 
     @property

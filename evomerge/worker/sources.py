@@ -24,7 +24,7 @@ from evomerge.worker.source_store import SourceStore
 
 # The compiled kernels pay off on accelerators at once; CPU workers compile them from this model size: each
 # graph (per K, dtype and method flags) takes 10-20 s once per worker, and per million parameters and candidate
-# they save 0.2-0.7 ms (linear, task arithmetic), 3.5 ms (TIES) and 8 ms (DARE-TIES) at K = 2-3
+# they save 0.5-0.8 ms (linear, task arithmetic), 3-6 ms (TIES) and 7-12 ms (DARE-TIES) at K = 2-3
 # (bench/bench_memory.py --fused, 100M bf16), so from 1B parameters they repay the compiles within a few dozen
 # candidates, where a small model's search (the demo's 135M) would spend its first minutes compiling
 FUSED_CPU_PARAMS = 10**9

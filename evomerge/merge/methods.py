@@ -156,10 +156,12 @@ def sparsify_della(delta: Tensor, density: float, epsilon: float, buf: Tensor, s
     m = rows.shape[1]
     if ranks is not None:
         ranks = ranks.reshape(-1)[offset : offset + delta.numel()].to(delta.device, non_blocking=True)
-    rank = ranks_as_float(ranks if ranks is not None else row_ranks(delta)).view(rows.shape)  # 0 = smallest in its row
-    span = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
-    mask = bernoulli_tensor((density - epsilon) + 2 * epsilon * span, seed, offset)
-    torch.mul(rows, mask, out=buf.view(rows.shape))
+    # the keep probabilities, in place in buf (fresh whole-tensor temporaries cost more than the arithmetic)
+    p = buf.view(rows.shape)
+    ranks_as_float(ranks if ranks is not None else row_ranks(delta), out=p)  # 0 = smallest in its row
+    p.div_(m - 1) if m > 1 else p.fill_(0.5)  # the rank's place in its row, 0..1
+    mask = bernoulli_tensor(p.mul_(2 * epsilon).add_(density - epsilon), seed, offset)
+    torch.mul(rows, mask, out=p)
     return buf, KEEP_ALL, None
 
 

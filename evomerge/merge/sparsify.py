@@ -159,8 +159,10 @@ def row_ranks(x: torch.Tensor) -> torch.Tensor:
     return ranks.to(torch.int32)
 
 
-def ranks_as_float(ranks: torch.Tensor) -> torch.Tensor:
-    return ranks.float() + 32768 if ranks.dtype == torch.int16 else ranks.float()
+def ranks_as_float(ranks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Row ranks (row_ranks: int16 stored offset by -32768) as float32, into `out` where given."""
+    out = ranks.float() if out is None else out.copy_(ranks.view(out.shape))
+    return out.add_(32768) if ranks.dtype == torch.int16 else out
 
 
 def keep_fraction_count(density: float, numel: int) -> int:
@@ -234,12 +236,18 @@ def bernoulli_into(out: torch.Tensor, threshold: int, seed: int, offset: int = 0
 
 
 def bernoulli_tensor(p: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
-    """0/1 float mask with per-entry keep probabilities p (each rounded to a multiple of 2^-16)."""
-    t = torch.round(p.reshape(-1).clamp(0, 1) * _LANES).long()
-    mask = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+    """0/1 float mask with per-entry keep probabilities p (each rounded to a multiple of 2^-16, in float32)."""
+    flat, mask = p.reshape(-1), torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+    threshold = None
     for start, lanes in _lane_chunks(p.numel(), seed, p.device, offset):
         end = start + lanes.numel()
-        torch.lt(lanes, t[start:end], out=mask[start:end])
+        # round(p * 2^16) chunk by chunk in a reused float32 buffer: whole integers below 2^24, so comparing the
+        # lanes with them in float32 is exact (whole-tensor int64 temporaries cost more than the draws)
+        if threshold is None:
+            threshold = torch.empty(lanes.numel(), dtype=torch.float32, device=p.device)
+        t = threshold[: end - start]
+        t.copy_(flat[start:end]).clamp_(0, 1).mul_(_LANES).round_()
+        torch.lt(lanes, t, out=mask[start:end])
     return mask.view(p.shape)
 
 

@@ -14,6 +14,7 @@ from evomerge.merge.sparsify import (
     SortedMagnitudes,
     apply_rank_range,
     bernoulli_into,
+    bernoulli_tensor,
     hash_lanes,
     keep_threshold,
     rank_range,
@@ -270,3 +271,14 @@ def test_eager_draws_equal_the_hash_the_fused_kernel_computes(n):
         bernoulli_into(mask, keep_threshold(p), 12345)
         assert torch.equal(mask, (lanes < keep_threshold(p)).float())
     assert keep_threshold(1.0) == KEEP_EVERY and int(lanes.max()) < KEEP_EVERY
+
+
+@pytest.mark.parametrize("n", [1, 1000, 3 * (1 << 16) + 7])  # across chunk boundaries of the eager draws
+def test_per_entry_probabilities_keep_an_entry_when_its_lane_is_below_its_threshold(n):
+    """bernoulli_tensor (DELLA) keeps entry i exactly when hash_lanes(offset + i) < round(p_i x 2^16): the same
+    rule as one probability's keep_threshold, with probabilities outside [0, 1] clamped."""
+    p = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 1.4 - 0.2
+    p[: min(n, 3)] = torch.tensor([0.0, 1.0, 0.3])[: min(n, 3)]
+    lanes = hash_lanes(torch.arange(n) + 4096, 99)
+    thresholds = torch.tensor([keep_threshold(float(x)) for x in p])
+    assert torch.equal(bernoulli_tensor(p, 99, offset=4096), (lanes < thresholds).float())

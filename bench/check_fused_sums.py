@@ -16,6 +16,7 @@ import torch
 
 from evomerge.merge import fused
 from evomerge.merge.fused import fused_weighted_sum
+from evomerge.merge.methods import WeightedSum
 
 
 def main() -> int:
@@ -31,10 +32,13 @@ def main() -> int:
                 sources = [(base + torch.randn(n, generator=gen) * 1e-3).to(dtype).to(device) for _ in range(k)]
                 base = base.to(dtype).to(device)
                 coefs = torch.rand(k, generator=gen).tolist()
-                eager = torch.empty(n, dtype=torch.bfloat16, device=device)
+                wide = base.float()  # the Materializer's eager path: float32 task vectors, WeightedSum.apply
+                total = WeightedSum(1.0, tuple(coefs)).apply(wide, [s.float() - wide for s in sources],
+                                                             torch.empty_like(wide))
+                eager = total.to(torch.bfloat16)
                 compiled = torch.empty_like(eager)
-                fused._weighted_sum_eager(eager, base, sources, torch.tensor(coefs))
-                fused_weighted_sum(compiled, base, sources, coefs)
+                if not fused_weighted_sum(compiled, base, sources, coefs):
+                    break
                 differ = int((eager.view(torch.int16) != compiled.view(torch.int16)).sum())
                 bad += differ
                 print(f"{device.type} {str(dtype).removeprefix('torch.')} K={k} n={n}: {differ} entries differ")

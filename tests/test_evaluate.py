@@ -268,16 +268,16 @@ def test_a_worker_split_over_devices_scores_as_one_device(setup, evaluator):
 
 @pytest.mark.slow
 def test_cpu_workers_compile_the_kernels_only_for_large_models_and_score_the_same(setup, evaluator, monkeypatch):
-    """A CPU worker merges eagerly below sources.FUSED_CPU_PARAMS and with the compiled kernels above it; task
+    """A CPU worker merges eagerly below specs.FUSED_CPU_PARAMS and with the compiled kernels above it; task
     arithmetic compiled writes the eager bits, so a candidate scores exactly the same either way."""
     from evomerge.merge import fused
-    from evomerge.worker import sources
+    from evomerge.merge import specs
 
     root, config = setup
     cand = _candidate("ps_task_arithmetic", evaluator, "k0")
     eager = evaluator.evaluate(cand)
     assert not evaluator.materializer.workspace.fused
-    monkeypatch.setattr(sources, "FUSED_CPU_PARAMS", 1)
+    monkeypatch.setattr(specs, "FUSED_CPU_PARAMS", 1)
     compiled_ev = Evaluator(config, root, worker="w0", node="n0")
     compiled = compiled_ev.evaluate(cand)
     assert compiled_ev.materializer.workspace.fused and "weighted_sum" in fused._compiled and not fused._broken

@@ -144,6 +144,18 @@ def test_the_compiled_weighted_sum_writes_the_eager_bits(qwen2_bf16, method):
                 assert torch.equal(merged[name], t), (method, len(recipe.models), dtype, placement, name)
 
 
+def test_without_a_compiler_the_weighted_sum_falls_back_to_the_eager_ops(qwen2_bf16, monkeypatch):
+    """Where the compiled kernels are unavailable (no C++ compiler, say), a fused materializer merges linear and
+    task arithmetic with the eager ops, bit for bit as an eager one does."""
+    monkeypatch.setattr(fused, "_broken", True)
+    recipe = _recipe("task_arithmetic")
+    reference = Materializer(_sources(qwen2_bf16), "base").merged_state_dict(recipe)
+    m = Materializer(_sources(qwen2_bf16), "base", fused=True)
+    merged = m.merged_state_dict(recipe)
+    assert all(torch.equal(merged[n], t) for n, t in reference.items())
+    assert m.workspace.nbytes() > 0  # the eager path's scratch: it is what ran
+
+
 @pytest.mark.parametrize("method", sorted(n for n in TENSOR_METHODS if METHODS[n].elementwise))
 def test_elementwise_methods_merged_in_blocks_write_the_same_bits(qwen2_bf16, method):
     """Blocks of 1000 entries (so most tensors span several, and most end in a partial block) against whole

@@ -104,15 +104,6 @@ def _weighted_sum(out: Tensor, base: Tensor, sources: list[Tensor], coef: Tensor
     out.view(-1).copy_(total)
 
 
-def _weighted_sum_eager(out: Tensor, base: Tensor, sources: list[Tensor], coef: Tensor) -> None:
-    """_weighted_sum's bits in eager ops (add with alpha: the same fused multiply-add per entry)."""
-    b = base.float()
-    total = b.clone()
-    for s, c in zip(sources, coef.tolist()):
-        total.add_(s.float() - b, alpha=c)
-    out.view(-1).copy_(total)
-
-
 # Eager CPU add-with-alpha is one fused multiply-add per entry; letting the C++ compiler contract
 # `total + delta * c` makes the compiled weighted sum that same instruction, so its bits are eager's
 # (tests/test_source_storage.py). The kernel multiplies nothing else, so there is no other product to contract.
@@ -149,12 +140,16 @@ def _on(device: torch.device, values, dtype: torch.dtype = torch.float32) -> Ten
     return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
 
 
-def fused_weighted_sum(out: Tensor, base: Tensor, sources: Sequence[Tensor], coefs: Sequence[float]) -> None:
+def fused_weighted_sum(out: Tensor, base: Tensor, sources: Sequence[Tensor], coefs: Sequence[float]) -> bool:
     """out = base + sum_i coefs_i (sources_i - base) in float32, written in out's dtype: the bits of
-    WeightedSum.apply with scale 1 on float32 task vectors, in one pass over the sources as they are stored."""
+    WeightedSum.apply with scale 1 on float32 task vectors, in one pass over the sources as they are stored.
+    False where the compiled kernels are unavailable: nothing is written, the caller merges in eager ops."""
+    if _broken:
+        return False
     coef = _on(base.device, coefs)
     _run("weighted_sum", _weighted_sum, out, base.reshape(-1), [s.reshape(-1) for s in sources], coef,
-         fallback=_weighted_sum_eager)
+         fallback=lambda *_: None)
+    return not _broken
 
 
 def _draw(part) -> tuple[int, int, int]:

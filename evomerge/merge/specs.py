@@ -139,6 +139,19 @@ def piece_entries(device_type: str) -> int:
     """Entries per piece on a device of this type ("cpu", "cuda", ...)."""
     return PIECE_ENTRIES.get(device_type, PIECE_ENTRIES_DEFAULT)
 
+
+# The compiled kernels (merge/fused.py) pay off on accelerators at once; CPU workers compile them from this model
+# size: each graph (per K, dtype and method flags) takes 5-20 s once per worker, and per million parameters and
+# candidate they save 0.5-0.8 ms (linear, task arithmetic), 3-6 ms (TIES) and 7-12 ms (DARE-TIES) at K = 2-3
+# (bench/bench_memory.py --fused, 100M bf16), so from 1B parameters they repay the compiles within a few dozen
+# candidates, where a small model's search (the demo's 135M) would spend its first minutes compiling
+FUSED_CPU_PARAMS = 10**9
+
+
+def compiles_kernels(device_type: str, params: int) -> bool:
+    """Whether a worker on this kind of device, merging models of `params` parameters, uses the compiled kernels."""
+    return device_type != "cpu" or params >= FUSED_CPU_PARAMS
+
 # Defaults follow mergekit 0.1.5 for the same parameters. Descriptions are one complete line each, and
 # distinct: `evomerge methods` prints them whole (wrapped, never cut); tests/test_methods_new.py checks.
 _add(MethodSpec(

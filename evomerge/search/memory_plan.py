@@ -71,7 +71,7 @@ def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage:
     """fp32 entries a worker keeps as scratch when it merges K fine-tunes with any of `methods`: copies of the
     largest tensor (`largest` entries; the buffers grow to the largest request, so the costliest method sets
     it). Sources stored in float32 need no fp32 copy of the base, a float32 live model no result buffer.
-    `fused`: the compiled kernels (what GPU workers run; linear is planned as eager: unnormalized, it is);
+    `fused`: the compiled kernels (merge.specs.compiles_kernels; linear is planned as eager: unnormalized, it is);
     `blocks`: elementwise methods merge tensors larger than BLOCK_ENTRIES in blocks of that size (CPU
     workers), so their copies are of a block; `piece`: sources on the host, so methods that can merge tensors
     piece by piece keep copies of a piece; `staged`: the pieces are copied to another device (on a CPU, where
@@ -319,7 +319,10 @@ def estimate(w: Workload, s: Setting, workers: Workers, piece: int | None = None
         largest = r.largest[1]
         parts.append(("live model", math.ceil(r.nbytes(m) / split), dev))
         piece = (piece or piece_entries(gpu)) if streamed else None
-        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, gpu, largest, not gpu, piece,
+        from evomerge.merge.specs import compiles_kernels
+
+        fused = compiles_kernels("cuda" if gpu else "cpu", w.params)
+        scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, fused, largest, not gpu, piece,
                                        staged=gpu)
         parts.append(("scratch", scratch * 4, dev))
         if streamed and gpu:  # the largest item staged (a CPU stages nothing): a piece where every method goes by pieces

@@ -177,8 +177,8 @@ class Materializer:
                 if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
                     target = target.view(-1)[item.start : item.stop].view(item.shape)
                     piece = _next_piece(piece, item, targets[name].numel())
-                if terms is not None and self.workspace.fused and terms.scale == 1.0:
-                    self._fused_sum(terms, tensors, inputs, target)
+                if terms is not None and self.workspace.fused and terms.scale == 1.0 \
+                        and self._fused_sum(terms, tensors, inputs, target):
                     continue
                 if terms is not None and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
                     self._merge_blocks(terms, tensors, inputs, target)
@@ -318,11 +318,13 @@ class Materializer:
                 into.copy_(out)
 
     def _fused_sum(self, terms: WeightedSum, tensors: Mapping[str, torch.Tensor], inputs: list[str],
-                   target: torch.Tensor) -> None:
+                   target: torch.Tensor) -> bool:
         """An entry-wise method with scale 1 (task arithmetic; linear, normalized) as one compiled pass over
-        the sources as stored, with the bits of the eager ops (the base's own term adds nothing)."""
+        the sources as stored, with the bits of the eager ops (the base's own term adds nothing); False where
+        nothing could be compiled, so the eager ops merge it."""
         terms_of = [(c, tensors[m]) for c, m in zip(terms.coefs, inputs) if m != self.base_name]
-        fused_weighted_sum(target, tensors[self.base_name], [t for _, t in terms_of], [c for c, _ in terms_of])
+        return fused_weighted_sum(target, tensors[self.base_name], [t for _, t in terms_of],
+                                  [c for c, _ in terms_of])
 
     def _merge_into(self, target, merge, base, deltas, out, kwargs, method: str, name: str) -> None:
         """merge(...) written into `target` (directly where `out` is it, else copied from scratch)."""

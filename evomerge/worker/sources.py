@@ -19,15 +19,9 @@ from evomerge.config import RunConfig
 from evomerge.errors import RecipeError
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.paths import resolve_model
+from evomerge.merge.specs import compiles_kernels
 from evomerge.worker.layer_split import LayerSplit, place, worker_devices
 from evomerge.worker.source_store import SourceStore
-
-# The compiled kernels pay off on accelerators at once; CPU workers compile them from this model size: each
-# graph (per K, dtype and method flags) takes 10-20 s once per worker, and per million parameters and candidate
-# they save 0.5-0.8 ms (linear, task arithmetic), 3-6 ms (TIES) and 7-12 ms (DARE-TIES) at K = 2-3
-# (bench/bench_memory.py --fused, 100M bf16), so from 1B parameters they repay the compiles within a few dozen
-# candidates, where a small model's search (the demo's 135M) would spend its first minutes compiling
-FUSED_CPU_PARAMS = 10**9
 
 
 class SourceModels:
@@ -74,9 +68,9 @@ class SourceModels:
             from evomerge.worker.materializer import Materializer
 
             params = sum(m.numel for m in self.store.checkpoints[self.base_ref].tensors.values())
-            fused = self.device.type != "cpu" or params >= FUSED_CPU_PARAMS
             self._materializer = Materializer(self.paths, self.base_ref, device=self.device, model_dtype=self.dtype,
-                                              store=self.store, selection_cache=self.selection_cache, fused=fused)
+                                              store=self.store, selection_cache=self.selection_cache,
+                                              fused=compiles_kernels(self.device.type, params))
         return self._materializer
 
     @property

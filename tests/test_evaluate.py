@@ -270,8 +270,7 @@ def test_a_worker_split_over_devices_scores_as_one_device(setup, evaluator):
 def test_cpu_workers_compile_the_kernels_only_for_large_models_and_score_the_same(setup, evaluator, monkeypatch):
     """A CPU worker merges eagerly below specs.FUSED_CPU_PARAMS and with the compiled kernels above it; task
     arithmetic compiled writes the eager bits, so a candidate scores exactly the same either way."""
-    from evomerge.merge import fused
-    from evomerge.merge import specs
+    from evomerge.merge import fused, specs
 
     root, config = setup
     cand = _candidate("ps_task_arithmetic", evaluator, "k0")

@@ -93,7 +93,7 @@ def child(spec: dict) -> dict:
     load_s = time.perf_counter() - t
     model = m.model
     params = sum(p.numel() for p in model.parameters())
-    times, first, per_method = {}, {}, {}
+    times, first, per_method, profiles = {}, {}, {}, {}
     live = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     for method in spec["methods"]:
         if spec["mode"] != "legacy":  # scratch and staging grow to the largest request: measure each method apart
@@ -112,12 +112,28 @@ def child(spec: dict) -> dict:
             sync()
             runs.append(time.perf_counter() - t)
         times[method] = statistics.median(runs)
+        if spec.get("profile"):
+            profiles[method] = kernel_profile(m.materialize, r, device)
         if spec["mode"] != "legacy":
             per_method[method] = device_bytes(m, spec["mode"]) + live
     held = m.resident_bytes() if spec["mode"] == "legacy" else device_bytes(m, spec["mode"])
     return {"params": params, "load_s": load_s, "first_s": first, "times_s": times, "device_bytes": held + live,
             "per_method_bytes": per_method, "scratch_bytes": m.workspace.nbytes(), "peak_rss": peak_rss(),
-            "peak_device": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+            "peak_device": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "profiles": profiles}
+
+
+def kernel_profile(materialize, recipe, device: torch.device, rows: int = 8) -> str:
+    """The ops that took the most time in one call (device time on an accelerator), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        materialize(recipe)
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 def device_bytes(m, mode) -> int:
@@ -210,7 +226,9 @@ def main() -> None:
     ap.add_argument("--no-legacy", action="store_true")
     ap.add_argument("--modes", type=int, default=len(MODES), help="run only the first N modes (after legacy)")
     ap.add_argument("--placements", default="device,host", help="run only the modes of these placements")
+    ap.add_argument("--caches", default="on,off", help="run only the modes with these selection-cache settings")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (legacy: cpu only; pass --no-legacy)")
+    ap.add_argument("--profile", action="store_true", help="print each mode's costliest ops per method (one call)")
     ap.add_argument("--child")
     ap.add_argument("--report", action="store_true", help="print the tables of the last (possibly partial) run")
     args = ap.parse_args()
@@ -241,13 +259,16 @@ def main() -> None:
     rows = []
     for k in (int(x) for x in args.k.split(",")):
         modes = (["legacy"] if not args.no_legacy else []) + [
-            m for m in MODES[: args.modes] if m[1] in args.placements.split(",")]
+            m for m in MODES[: args.modes] if m[1] in args.placements.split(",") and m[2] in args.caches.split(",")]
         kernels = [False, True] if args.fused else [False]
         for mode in modes:
             for fused in kernels:
                 spec = {"base": str(fam.base), "sources": [str(s) for s in fam.sources], "k": k, "mode": mode,
-                        "fused": fused, "methods": methods, "repeats": args.repeats, "device": args.device}
+                        "fused": fused, "methods": methods, "repeats": args.repeats, "device": args.device,
+                        "profile": args.profile}
                 res = run_child(spec)
+                for method, table in res.pop("profiles", {}).items():
+                    print(f"\n{_mode_name(mode)} {'fused' if fused else 'eager'} {method}, one call:\n{table}", flush=True)
                 rows.append({"k": k, "mode": mode, "fused": fused, **res,
                              "plan_bytes": None if mode == "legacy" else planned(fam, k, mode, methods, fused,
                                                                                  device.type == "cuda")})

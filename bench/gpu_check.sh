@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 12 in one run, for a machine with a GPU (bench/README.md, "GPU check"):
-#   1. bench_memory.py on the 1B family (K=2): device and host placement, eager and fused, ms per candidate
-#      against the device's copy bound (HBM) and, for host placement, the host-to-device bound (PCIe);
+# The GPU checks of issue 12 in one run, for a machine with a GPU (bench/README.md, "GPU check"), each step under
+# its own time limit so that a slow one leaves the others their turn:
+#   1. check_fused_sums.py: the compiled weighted sum (linear, task arithmetic) writes the eager ops' bits;
+#      check_selection.py: the exact TIES cut without caches (topk on CUDA) equals kthvalue's, and their times;
 #   2. check_split.py: a worker split by layers across two devices (cuda:0 + cpu on a one-GPU machine)
 #      merges bit for bit like one device and gives the same logits;
-#   3. check_fused_sums.py: the compiled weighted sum (linear, task arithmetic) writes the eager ops' bits.
-# Needs torch with CUDA, transformers, safetensors and pydantic; where they are missing (a bare GPU image),
+#   3. gpu_search.sh: a tiny search with a CUDA worker (in-process: Ray's wheel is too large to carry);
+#   4. bench_memory.py on the 1B family (K=2): device and host placement with the accelerator's default (no
+#      selection caches), eager and fused, ms per candidate against the device's copy bound (HBM) and, for host
+#      placement, the host-to-device bound (PCIe), with what is left of TOTAL (560) seconds: an interrupted
+#      bench still prints what it measured.
+# Its logs in $OUT are 8 files, what the device tool brings back (bench_memory.json stays in bench/out).
+# Needs torch with CUDA, transformers and safetensors; where the rest is missing (a bare GPU image),
 # `bash bench/gpu_wheels.sh` fetches the wheels into .whl/ first, which this script installs to /tmp/site.
-# A tiny search with CUDA workers needs Ray, lm-eval and pymoo as well: run `evomerge search` there by hand.
 #     bash bench/gpu_check.sh                      # OUT=dir for the logs, SIZE=100M for a smaller family
 #     DEVICE=cpu SPLIT=cpu,cpu SIZE=10M bash bench/gpu_check.sh   # the plumbing, on a machine without a GPU
 set -uo pipefail
@@ -23,10 +28,22 @@ if ! "$PY" -c "import pydantic" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/n
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site" || exit 2
 fi
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv | tee "$OUT/gpu.txt"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv
 status=0
-"$PY" bench/bench_memory.py --size "$SIZE" --k 2 --repeats 3 --device "$DEVICE" --fused --no-mergekit --no-legacy \
-  --methods linear,ties,dare_ties,della 2>&1 | tee "$OUT/bench_memory.txt" || status=1
-"$PY" bench/check_split.py --devices "$SPLIT" 2>&1 | tee "$OUT/check_split.txt" || status=1
-"$PY" bench/check_fused_sums.py --device "$DEVICE" 2>&1 | tee "$OUT/check_fused_sums.txt" || status=1
+step() {  # step SECONDS LOG COMMAND...: run it under a time limit, its output teed to $OUT/LOG
+  local limit=$1 log=$2; shift 2
+  echo "== $* (limit ${limit}s)" | tee "$OUT/$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "== exit $rc" | tee -a "$OUT/$log"; status=1; }
+}
+step "${FUSED_LIMIT:-120}" check_fused_sums.txt "$PY" bench/check_fused_sums.py --device "$DEVICE"
+step "${SELECT_LIMIT:-90}" check_selection.txt "$PY" bench/check_selection.py --device "$DEVICE"
+step "${SPLIT_LIMIT:-90}" check_split.txt "$PY" bench/check_split.py --devices "$SPLIT"
+step "${SEARCH_STEP_LIMIT:-150}" search.txt env SEARCH_LIMIT=120 OUT="$OUT/search" bash bench/gpu_search.sh
+# the bench last, with what is left of TOTAL seconds: it saves each mode as it ends, and --report prints them
+step $(( ${TOTAL:-560} - SECONDS > 60 ? ${TOTAL:-560} - SECONDS : 60 )) bench_memory.txt "$PY" bench/bench_memory.py \
+  --size "$SIZE" --k 2 --repeats 3 --device "$DEVICE" --fused --no-mergekit --no-legacy --caches off \
+  --methods linear,ties,dare_ties,della
+grep -q "^| K | mode" "$OUT/bench_memory.txt" || "$PY" bench/bench_memory.py --report 2>&1 | tee -a "$OUT/bench_memory.txt"
 exit $status

@@ -138,7 +138,9 @@ class SourcesConfig(_Strict):
         "streamed to the device tensor by tensor; for GPUs smaller than the sources)")
     selection_cache: Literal["auto", "on", "off"] = Field(
         "auto", description="keep each task vector's sorted magnitudes for TIES/breadcrumbs/DELLA (4 bytes per "
-        "entry; auto: on for CPU workers, where it is faster, off on accelerators, which select exactly per candidate)")
+        "entry, where the sources are; auto: on for CPU workers, where it is faster, and with host placement, where it "
+        "lets TIES merge large tensors piece by piece; off for sources on an accelerator, which selects exactly per "
+        "candidate)")
 
 
 class FitnessConfig(_Strict):

@@ -17,6 +17,7 @@ from evomerge.merge.sparsify import (
     bernoulli_tensor,
     hash_lanes,
     keep_threshold,
+    kth_largest_by_topk,
     rank_range,
 )
 from evomerge.merge.specs import METHODS, TENSOR
@@ -282,3 +283,12 @@ def test_per_entry_probabilities_keep_an_entry_when_its_lane_is_below_its_thresh
     lanes = hash_lanes(torch.arange(n) + 4096, 99)
     thresholds = torch.tensor([keep_threshold(float(x)) for x in p])
     assert torch.equal(bernoulli_tensor(p, 99, offset=4096), (lanes < thresholds).float())
+
+
+def test_the_topk_cut_is_kthvalues_at_every_rank_ties_included():
+    """Accelerators find the exact TIES cut with topk (CUDA's kthvalue is far slower): from either end it must
+    pick kthvalue's value, among heavily tied magnitudes too."""
+    mag = (torch.randn(1001, generator=torch.Generator().manual_seed(3)) * 4).round().abs()  # ~12 distinct values
+    n = mag.numel()
+    for k in [1, 2, 100, 500, 501, 502, 900, n - 1, n]:
+        assert kth_largest_by_topk(mag, k) == torch.kthvalue(mag, n - k + 1).values, k

@@ -1,7 +1,7 @@
 """Masks that sparsify task vectors: exact magnitude rank ranges, and seeded Bernoulli draws.
 
 Magnitude selection is the hot spot of TIES and breadcrumbs: a `kthvalue` costs ~20 memory copies
-of the tensor on CPU. The materializer keeps, per resident task vector, its magnitudes sorted once
+of the tensor on CPU (on CUDA, where kthvalue is slower still, topk finds the cut). The materializer keeps, per resident task vector, its magnitudes sorted once
 (`SortedMagnitudes`, 4 bytes per entry), so "the k largest" becomes two thresholds found by binary
 search: keep lo < |x| <= hi, which a single pass (or a fused kernel) applies. Only when equal
 magnitudes straddle a cut are tied positions looked up, so that exactly k entries are kept (ties go
@@ -73,7 +73,7 @@ def _top_cut(x: torch.Tensor | None, k: int, sm: SortedMagnitudes | None) -> tup
         return math.inf, None
     if sm is None:  # reference path: a full selection
         mag = x.reshape(-1).abs().float()
-        t = torch.kthvalue(mag, n - k + 1).values
+        t = kth_largest(mag, k)
         if float(t) == 0.0:  # tied zeros: the same values whichever of them are kept
             return 0.0, None
         return float(t), Ties(float(t), k - int((mag > t).sum()))
@@ -97,13 +97,30 @@ def rank_range(x: torch.Tensor | None, upto: int, skip: int = 0, sm: SortedMagni
     return RankRange(lo, hi_strict, add, drop)
 
 
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the flat tensor mag (1 <= k <= numel), as a 0-d tensor on its device."""
+    if mag.device.type == "cpu":
+        return torch.kthvalue(mag, mag.numel() - k + 1).values
+    # CUDA's kthvalue selects within a slice with a single thread block: 11 s per candidate for the TIES cuts of
+    # a 1B model on an H200 (bench/README.md). topk's radix select spreads one slice over the whole device.
+    return kth_largest_by_topk(mag, k)
+
+
+def kth_largest_by_topk(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """kth_largest through topk, from whichever end is nearer (topk returns its k values and their indices)."""
+    n = mag.numel()
+    if 2 * k <= n + 1:
+        return torch.topk(mag, k, sorted=False).values.min()
+    return torch.topk(mag, n - k + 1, largest=False, sorted=False).values.max()
+
+
 def _top_mask(mag: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
     """out (bool) = the k largest of mag, ties at the cut to the lowest positions; device ops only, so an
     accelerator never waits on a host sync (the count of tied entries to keep stays a device tensor)."""
     n = mag.numel()
     if k >= n or k <= 0:
         return out.fill_(k > 0)
-    t = torch.kthvalue(mag, n - k + 1).values  # the k-th largest
+    t = kth_largest(mag, k)
     torch.gt(mag, t, out=out)
     need = k - out.sum()  # tied entries that belong to the top k
     tied = mag == t

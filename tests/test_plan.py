@@ -73,17 +73,19 @@ def test_components_from_headers_equal_hand_computed_bytes(llama, tmp_path):
     assert half["sources"][0] == (K + 1) * P * 2 and half["live model"][0] == P * 2
     assert "selection caches" not in half and half["activations"][0] == activations(2, cpu=True)
     assert half["scratch"][0] == (3 * K + 6) * largest * 4  # + an fp32 copy of the base; no cut values to read
+    assert half["selection transients"][0] == mp.SELECTION_TRANSIENTS * largest * 4  # but exact selections
 
     # GPU worker, sources on the host: the device holds live model, scratch (the fused kernel's: no sign election
-    # buffers), staging, activations, runtime
+    # buffers), the transients of exact selections (no caches), staging, activations, runtime
     g = gpu(80 * GiB)
     host = estimate(w, Setting("host", "auto", False), g)
+    transients = mp.SELECTION_TRANSIENTS * largest * 4
     assert parts(host) == {
         "sources": ((K + 1) * P * 4, "host"), "live model": (P * 4, "device"),
-        "scratch": (2 * K * largest * 4, "device"), "staging": (2 * (K + 1) * largest * 4, "device"),
+        "scratch": (2 * K * largest * 4, "device"), "selection transients": (transients, "device"), "staging": (2 * (K + 1) * largest * 4, "device"),
         "activations": (activations(4, cpu=False), "device"), "CUDA runtime": (mp.DEVICE_RUNTIME_BYTES, "device"),
         "worker process": (mp.WORKER_PROCESS_BYTES, "host")}
-    assert host.per_gpu == P * 4 + 2 * K * largest * 4 + 2 * (K + 1) * largest * 4 + activations(4, False) \
+    assert host.per_gpu == P * 4 + 2 * K * largest * 4 + transients + 2 * (K + 1) * largest * 4 + activations(4, False) \
         + mp.DEVICE_RUNTIME_BYTES
     assert host.host_node == (K + 1) * P * 4 + mp.WORKER_PROCESS_BYTES
     # two workers on the node pin a copy each; a worker over 2 GPUs holds half the sources and model on each
@@ -272,7 +274,7 @@ def test_cpu_workers_plan_block_scratch_for_elementwise_methods():
     from evomerge.search.memory_plan import scratch_fp32_entries
 
     big, k = 50 * BLOCK_ENTRIES, 2
-    ta = lambda methods, blocks: scratch_fp32_entries(k, methods, False, "bfloat16", "bfloat16", False, big, blocks)  # noqa: E731
+    ta = lambda methods, blocks: scratch_fp32_entries(k, methods, False, "bfloat16", "bfloat16", False, big, blocks)
     assert ta(("task_arithmetic",), True) == (k + 2) * BLOCK_ENTRIES  # base, task vectors, result
     assert ta(("task_arithmetic",), False) == (k + 2) * big
     assert ta(("task_arithmetic", "ties"), True) == ta(("ties",), False) == (3 * k + 6) * big

@@ -15,6 +15,8 @@ parameter space (kind ps), placement device:
                     sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with the fused
                     kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each model's
                     kept entries, at worst); - 1 each for float32 sources and a float32 live model
+  selection         when the caches are off and a method selects (TIES, breadcrumbs, DELLA): SELECTION_TRANSIENTS
+    transients        fp32 copies of the largest tensor, freed between tensors (not scratch the worker keeps)
   selection caches  when on: K x P_float x 4 (TIES, breadcrumbs) + K x P_float x 2 (DELLA), for the methods the
                     space can produce; auto: on for CPU workers and with host placement, off on GPU workers
   activations       see `activation_bytes`
@@ -55,6 +57,9 @@ from evomerge.search.preflight import check_source_dirs, sources_by_field
 # in registers)
 SCRATCH_AVERAGE, SCRATCH_TASK_VECTORS, SCRATCH_SPARSIFY_EAGER = (1, 2), (2, 2), (3, 6)
 SCRATCH_CACHED_SELECTION = (1, 1)  # reading a magnitude cache: the cut, and at worst each model's kept entries
+# an exact selection without caches, one model at a time: magnitudes, topk's values and int64 indices of up to half
+# the entries (or a row sort's), the tie count's cumsum; in the device's peak (bench_memory.py's peak_device)
+SELECTION_TRANSIENTS = 3
 STAGING_BUFFERS = 2  # host placement: (K+1) largest tensors in s, double buffered
 MAGNITUDE_CACHE_BYTES = 4  # per entry per fine-tune: sorted magnitudes (TIES, breadcrumbs)
 RANK_CACHE_BYTES = 2  # per entry per fine-tune: row ranks (DELLA)
@@ -325,9 +330,11 @@ def estimate(w: Workload, s: Setting, workers: Workers, piece: int | None = None
         scratch = scratch_fp32_entries(w.k, w.methods, s.selection_cache, dtype, m, fused, largest, not gpu, piece,
                                        staged=gpu)
         parts.append(("scratch", scratch * 4, dev))
-        if streamed and gpu:  # the largest item staged (a CPU stages nothing): a piece where every method goes by pieces
-            from evomerge.merge.specs import METHODS
+        from evomerge.merge.specs import METHODS
 
+        if not s.selection_cache and any(METHODS[n].uses_magnitude or METHODS[n].uses_ranks for n in w.methods):
+            parts.append(("selection transients", SELECTION_TRANSIENTS * largest * 4, dev))
+        if streamed and gpu:  # the largest item staged (a CPU stages nothing): a piece where every method goes by pieces
             specs = [METHODS[name] for name in w.methods]
             staged = min(largest, piece) if all(sp.goes_by_pieces(s.selection_cache) for sp in specs) else largest
             parts.append(("staging", STAGING_BUFFERS * (w.k + 1) * staged * STORAGE_BYTES[dtype], dev))

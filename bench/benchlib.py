@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -80,3 +81,10 @@ def run_mergekit(jobs: list[dict], *, device: str = "cpu", seed: int = 0, repeat
         if proc.returncode != 0 or not result_file.exists():
             sys.exit(f"mergekit runner failed (exit code {proc.returncode})")
         return json.loads(result_file.read_text())
+
+
+def device_argument(doc: str) -> torch.device:
+    """The --device of a check script whose docstring is `doc` (default: cuda where there is one)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(ap.parse_args().device)

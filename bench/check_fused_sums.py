@@ -9,10 +9,10 @@ this is the GPU's counterpart (Triton contracts `total + delta * c` into the fus
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
+from benchlib import device_argument
 
 from evomerge.merge import fused
 from evomerge.merge.fused import fused_weighted_sum
@@ -20,9 +20,7 @@ from evomerge.merge.methods import WeightedSum
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(ap.parse_args().device)
+    device = device_argument(__doc__)
     gen = torch.Generator().manual_seed(0)
     bad = 0
     for dtype in (torch.bfloat16, torch.float32):

@@ -9,12 +9,12 @@ exits 1 if any cut differs.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import torch
+from benchlib import device_argument
 
 from evomerge.merge.sparsify import kth_largest, select_ranks_into
 
@@ -36,9 +36,7 @@ def timed(device: torch.device, repeats: int, fn, *args) -> tuple[object, float]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(ap.parse_args().device)
+    device = device_argument(__doc__)
     gen = torch.Generator().manual_seed(0)
     bad = 0
     print("| tensor | density | kthvalue ms | kth_largest ms | select_ranks_into ms | equal |")

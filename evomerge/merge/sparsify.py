@@ -1,11 +1,11 @@
 """Masks that sparsify task vectors: exact magnitude rank ranges, and seeded Bernoulli draws.
 
 Magnitude selection is the hot spot of TIES and breadcrumbs: a `kthvalue` costs ~20 memory copies
-of the tensor on CPU (on CUDA, where kthvalue is slower still, topk finds the cut). The materializer keeps, per resident task vector, its magnitudes sorted once
-(`SortedMagnitudes`, 4 bytes per entry), so "the k largest" becomes two thresholds found by binary
-search: keep lo < |x| <= hi, which a single pass (or a fused kernel) applies. Only when equal
-magnitudes straddle a cut are tied positions looked up, so that exactly k entries are kept (ties go
-to the lowest index, deterministically).
+of the tensor on CPU (on CUDA, where kthvalue is slower still, topk finds the cut: `kth_largest`). The
+materializer keeps, per resident task vector, its magnitudes sorted once (`SortedMagnitudes`, 4 bytes
+per entry), so "the k largest" becomes two thresholds found by binary search: keep lo < |x| <= hi,
+which a single pass (or a fused kernel) applies. Only when equal magnitudes straddle a cut are tied
+positions looked up, so that exactly k entries are kept (ties go to the lowest index, deterministically).
 
 Random masks come from a counter-based hash of (seed, position), 16 bits per entry: the same on
 every device and in every kernel; keep probabilities are thereby multiples of 2^-16.

@@ -15,8 +15,8 @@ parameter space (kind ps), placement device:
                     sparsifying ones (a density) 3K + 6 in eager ops (CPU workers) and 2K + 2 with the fused
                     kernel (GPU workers); + K + 1 where a magnitude cache is read (the cut and each model's
                     kept entries, at worst); - 1 each for float32 sources and a float32 live model
-  selection         when the caches are off and a method selects (TIES, breadcrumbs, DELLA): SELECTION_TRANSIENTS
-    transients        fp32 copies of the largest tensor, freed between tensors (not scratch the worker keeps)
+  selection transients  when the caches are off and a method selects (TIES, breadcrumbs, DELLA):
+                    SELECTION_TRANSIENTS fp32 copies of the largest tensor, freed between tensors (not kept scratch)
   selection caches  when on: K x P_float x 4 (TIES, breadcrumbs) + K x P_float x 2 (DELLA), for the methods the
                     space can produce; auto: on for CPU workers and with host placement, off on GPU workers
   activations       see `activation_bytes`

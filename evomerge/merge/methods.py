@@ -15,7 +15,7 @@ arithmetic done in it). Without them, methods allocate and behave the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -350,18 +350,21 @@ class WeightedSum:
     scale: float
     coefs: tuple[float, ...]  # one per delta; a None delta (the base's own) adds nothing
 
-    def apply(self, base: Tensor, deltas: Sequence[Tensor | None], out: Tensor) -> Tensor:
-        terms = [(c, d) for c, d in zip(self.coefs, deltas) if d is not None]
+    def apply(self, base: Tensor, deltas: Iterable[Tensor | None], out: Tensor) -> Tensor:
+        """deltas may be lazy: each is read before the next is asked for (so all may share one buffer)."""
         first = base
         if self.scale != 1.0:  # x * 1.0 == x exactly: one pass fewer
             first = torch.mul(base, self.scale, out=out)
-        if not terms:
-            return out if first is out else out.copy_(base)
-        (c, d), rest = terms[0], terms[1:]
-        torch.add(first, d, alpha=c, out=out)  # == out = first; out += c * d (one fused multiply-add per entry)
-        for c, d in rest:
-            out.add_(d, alpha=c)
-        return out
+        added = False
+        for c, d in zip(self.coefs, deltas):
+            if d is None:
+                continue
+            if added:
+                out.add_(d, alpha=c)
+            else:  # == out = first; out += c * d (one fused multiply-add per entry)
+                torch.add(first, d, alpha=c, out=out)
+                added = True
+        return out if added or first is out else out.copy_(base)
 
 
 def linear_sum(present: Sequence[bool], *, weight, normalize, **_) -> WeightedSum:

@@ -290,29 +290,23 @@ class Materializer:
     def _merge_blocks(self, terms: WeightedSum, tensors: Mapping[str, torch.Tensor], inputs: list[str],
                       target: torch.Tensor) -> None:
         """An entry-wise method over `block_entries` entries at a time: the same float ops per entry as one
-        whole-tensor call, so the same bits, with the float32 scratch small enough to stay in the cache. The
-        loop is kept lean: at 2^17 entries per block, Python's per-op overhead is a third of the work."""
+        whole-tensor call, so the same bits, with the float32 scratch small enough to stay in the cache (one
+        task-vector buffer, refilled per model as the sum reads them). The loop is kept lean: at 2^17 entries per
+        block, Python's per-op overhead is a third of the work."""
         step, dev, f32 = self.block_entries or target.numel(), target.device, torch.float32
         models = [m for m in dict.fromkeys(inputs) if m != self.base_name]
         blocks = {m: tensors[m].view(-1).split(step) for m in [self.base_name, *models]}  # views, made in one call
         wide = self.workspace.get_flat("source.base", step, f32, dev)
-        task = {m: self.workspace.get_flat(f"source.delta{j}", step, f32, dev) for j, m in enumerate(models)}
+        task = self.workspace.get_flat("source.delta0", step, f32, dev)
         result = self.workspace.get_flat("result", step, f32, dev) if target.dtype != f32 else None
-        size = None
         for i, into in enumerate(target.view(-1).split(step)):
-            if into.numel() != size:  # scratch views of this block's size: the same for every block but the last
-                size = into.numel()
-                wide_v, task_v = wide[:size], {m: t[:size] for m, t in task.items()}
-                deltas = [task_v.get(m) for m in inputs]
-                out = into if result is None else result[:size]
-            base = blocks[self.base_name][i]
+            size = into.numel()
+            base, delta = blocks[self.base_name][i], task[:size]
             if base.dtype != f32:
-                base = wide_v.copy_(base)
-            for m in models:  # task vectors: a widening copy, then a float32 subtraction (see _task_vector)
-                t = blocks[m][i]
-                torch.sub(t, base, out=task_v[m]) if t.dtype == f32 else task_v[m].copy_(t).sub_(base)
-            if result is None:
-                out = into
+                base = wide[:size].copy_(base)
+            # task vectors one at a time: a widening copy, then a float32 subtraction (see _task_vector)
+            deltas = (None if m == self.base_name else _minus(blocks[m][i], base, delta) for m in inputs)
+            out = into if result is None else result[:size]
             terms.apply(base, deltas, out)
             if out is not into:
                 into.copy_(out)
@@ -378,6 +372,11 @@ class Materializer:
     def resident_bytes(self) -> int:
         """Bytes held on the device besides the live model: sources (or staging slots), caches and scratch."""
         return self.store.device_bytes() + self.cache_bytes() + self.workspace.nbytes()
+
+
+def _minus(t: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = t - base in float32 (base is float32): t's exact widening, then the subtraction."""
+    return torch.sub(t, base, out=out) if t.dtype == torch.float32 else out.copy_(t).sub_(base)
 
 
 def _next_piece(piece: Piece | None, item: Span, numel: int) -> Piece:

@@ -182,6 +182,25 @@ def test_allow_nonfinite_lets_a_poisoned_source_through_the_checks(workspace):
     assert prepared.config.sources.allow_nonfinite and prepared.layer_counts["b"] == 4
 
 
+def test_a_search_whose_every_candidate_fails_exits_1_naming_the_first_reason(workspace, capsys):
+    """Every merge with a NaN source fails; the search still runs to its budget and keeps every record, but it
+    exits 1 with the first failure's reason instead of reporting success."""
+    from evomerge.cli import main
+
+    doc = yaml.safe_load((workspace / "run.yaml").read_text())
+    doc["sources"]["models"]["b"] = "models/poisoned"
+    doc["sources"]["allow_nonfinite"] = True
+    doc["algorithm"] = {**doc.get("algorithm", {}), "pop_size": 4, "generations": 1}
+    path = workspace / "all_fail.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    run_dir = workspace / "runs" / "all_fail"
+    assert main(["search", str(path), "--run-dir", str(run_dir), "--in-process"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("evomerge: every candidate failed (4 of 4); the first: ") and "NaN" in err[-1], err[-3:]
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        assert db.execute("SELECT status, count(*) FROM evaluations GROUP BY status").fetchall() == [("failed", 4)]
+
+
 def test_a_run_may_state_the_scoring_its_calibration_recorded(workspace):
     from evomerge.config import RunConfig, load_config
     from evomerge.search.session import prepare

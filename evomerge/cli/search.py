@@ -137,6 +137,12 @@ def _search_to_the_end(run, prepared, args: argparse.Namespace) -> int:
             pool.close()
     state = status(run, prepared)
     _print_front(state, prepared, plot_front(state, run.path / FRONT_PLOT))
+    done, failed = state["evaluations"]["done"], state["evaluations"]["failed"]
+    if done and failed == done:  # a run with nothing scored is no success, however far it got
+        with run.open_ledger() as ledger:
+            reason = (ledger.all("failed")[0].error or "no reason recorded").strip().splitlines()[-1]
+        print(f"evomerge: every candidate failed ({failed} of {done}); the first: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -128,7 +128,7 @@ for c in cols:
 errors = sorted({r[8] for r in rows if r[3] != "ok" and r[8]})
 for e in errors:
     print(f"FAILED candidates: {e}")
-sys.exit(3 if errors or not ok else 0)  # `search` exits 0 even when every candidate failed
+sys.exit(3 if errors or not ok else 0)  # some failed: `search` exits 1 only when all did
 EOF
   rc=${PIPESTATUS[0]}
   if [ "$rc" != 0 ]; then

@@ -90,42 +90,44 @@ grep -q "fused merge kernels unavailable" "$LOG" \
 if [ -f "$RUN/ledger.sqlite" ]; then
   "$PY" -m evomerge status "$RUN" --json > "$OUT/tiny_search_status.json" 2>> "$LOG" \
     || { [ "$status" = 0 ] && status=1; }
-  "$PY" - "$RUN/ledger.sqlite" "$START" "$END" "$OUT/tiny_search_timings.tsv" 2>&1 <<'EOF' | tee -a "$LOG"
-import json, sqlite3, statistics, sys
-ledger, start, end, tsv = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as db:
-    rows = db.execute("SELECT key, generation, idx, status, worker, node, timings, finished, error FROM evaluations "
-                      "ORDER BY finished, generation, idx").fetchall()
+  "$PY" - "$RUN" "$START" "$END" "$OUT/tiny_search_timings.tsv" 2>&1 <<'EOF' | tee -a "$LOG"
+import statistics, sys
+
+from evomerge.search.rundir import RunDir
+
+run, start, end, tsv = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+with RunDir.open(run).open_ledger() as ledger:
+    rows = sorted(ledger.all(), key=lambda r: (r.finished or 0, r.generation, r.index))
 cols = ["materialize", "check", "score", "forward", "estimate", "total"]
 lines = ["\t".join(["key", "generation", "idx", "status", "worker", "node", "finished_s", *[f"{c}_ms" for c in cols]])]
 print(f"== per-candidate timings (ms; finished_s: seconds after the search command started)")
 print(f"{'key':<26} {'st':<6} {'done s':>7} " + " ".join(f"{c:>11}" for c in cols))
 per = {c: [] for c in cols}
-for key, gen, idx, st, worker, node, timings, finished, error in rows:
-    t = json.loads(timings) if timings else {}
-    ms = [t.get(c) * 1e3 if t.get(c) is not None else None for c in cols]
-    done = (finished - start) if finished else None
-    print(f"{key:<26} {st:<6} {done if done is not None else float('nan'):>7.2f} "
-          + " ".join(f"{v:>11.1f}" if v is not None else f"{'-':>11}" for v in ms) + (f"  {error}" if error else ""))
-    lines.append("\t".join(str(x) for x in [key, gen, idx, st, worker, node,
+for r in rows:
+    ms = [(r.timings or {}).get(c) for c in cols]
+    ms = [v * 1e3 if v is not None else None for v in ms]
+    done = (r.finished - start) if r.finished else None
+    print(f"{r.key:<26} {r.status:<6} {done if done is not None else float('nan'):>7.2f} "
+          + " ".join(f"{v:>11.1f}" if v is not None else f"{'-':>11}" for v in ms) + (f"  {r.error}" if r.error else ""))
+    lines.append("\t".join(str(x) for x in [r.key, r.generation, r.index, r.status, r.worker, r.node,
                                              f"{done:.3f}" if done is not None else "",
                                              *[f"{v:.3f}" if v is not None else "" for v in ms]]))
-    if st == "ok":
+    if r.status == "ok":
         for c, v in zip(cols, ms):
             if v is not None:
                 per[c].append(v)
 open(tsv, "w").write("\n".join(lines) + "\n")
-ok = [r for r in rows if r[3] == "ok"]
+ok = [r for r in rows if r.status == "ok"]
 print(f"{len(rows)} evaluations ({len(ok)} ok) in a search of {end - start:.2f} s wall"
-      + (f"; first finished {rows[0][7] - start:.2f} s after the start (imports, sources loaded, first compile)"
-         if rows and rows[0][7] else ""))
+      + (f"; first finished {rows[0].finished - start:.2f} s after the start (imports, sources loaded, first compile)"
+         if rows and rows[0].finished else ""))
 for c in cols:
     v = per[c]
     if v:
         rest = v[1:] or v
         print(f"  {c:<11} first {v[0]:9.1f} ms   median of the rest {statistics.median(rest):9.1f} ms   "
               f"max {max(v):9.1f} ms   sum {sum(v):9.1f} ms")
-errors = sorted({r[8] for r in rows if r[3] != "ok" and r[8]})
+errors = sorted({r.error.strip().splitlines()[-1] for r in rows if r.status != "ok" and r.error})
 for e in errors:
     print(f"FAILED candidates: {e}")
 sys.exit(3 if errors or not ok else 0)  # some failed: `search` exits 1 only when all did

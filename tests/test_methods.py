@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from evomerge.merge import fused
 from evomerge.merge.methods import IMPLEMENTATIONS, Workspace, merge_tensors, tensor_function
 from evomerge.merge.sparsify import (
     KEEP_EVERY,
@@ -165,11 +166,13 @@ def test_fused_kernel_equals_the_eager_kernel(method, params):
     if spec.uses_magnitude:
         kw["magnitudes"] = [SortedMagnitudes(d) for d in deltas]
     results = []
-    for fused in (False, True):
+    for compiled in (False, True):
         if spec.random:
             kw["seed"] = 9
-        results.append(tensor_function(method)(base, list(deltas), ws=Workspace(fused=fused), **kw))
+        results.append(tensor_function(method)(base, list(deltas), ws=Workspace(fused=compiled), **kw))
     assert torch.allclose(results[0], results[1], atol=1e-6, rtol=1e-6)
+    if method != "task_arithmetic":  # a plain weighted sum stays in eager ops (methods.combine)
+        assert "combine" in fused._compiled and not fused._broken  # compiled, not the eager fallback
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])

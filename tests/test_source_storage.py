@@ -113,7 +113,7 @@ def test_host_placement_on_a_cpu_stages_nothing(qwen2_bf16, monkeypatch, method)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della"])
 def test_pieces_write_the_same_bits_with_the_fused_kernel(qwen2_bf16, method):
     recipe = _recipe(method)
     whole = Materializer(_sources(qwen2_bf16), "base", fused=True, placement="host")
@@ -123,6 +123,9 @@ def test_pieces_write_the_same_bits_with_the_fused_kernel(qwen2_bf16, method):
     reference, merged = whole.merged_state_dict(recipe, seed=5), pieces.merged_state_dict(recipe, seed=5)
     for name, t in reference.items():
         assert torch.equal(merged[name], t), (method, name)
+    assert "combine" in fused._compiled and not fused._broken
+    if method == "della":  # rescaled pieces: their norms come from a measuring pass with the compiled chunk sums
+        assert "kept_l1" in fused._compiled
 
 
 @pytest.mark.slow

@@ -41,18 +41,18 @@ def _kernel(
     out: Tensor,  # (n,)
     base: Tensor,  # (n,)
     srcs: list[Tensor],  # N x (n,)
-    lo: Tensor,  # (N,) entry i of src kept where lo < |src| <= hi
-    hi: Tensor,  # (N,)
-    seeds: Tensor,  # (N,) int64, and where random: hash_lanes(position, seed) < threshold
-    thresholds: Tensor,  # (N,) int64; 2^16 keeps everything
-    offset: Tensor,  # () int64: the position of out's first entry in the tensor it is a piece of
-    coef: Tensor,  # (N,) multiplies the kept entries
-    weight: Tensor,  # (N,) what the consensus divisor counts
-    lam: Tensor,  # ()
+    floats: Tensor,  # (4N+1,) float32: lo, hi, coef, weight (N each), then lambda; see _packed
+    ints: Tensor,  # (2N+1,) int64: seeds, thresholds (N each), then the offset
     consensus: bool,
     normalize: bool,
     random: bool,
 ) -> None:
+    # entry i of src kept where lo < |src| <= hi, and (where random) hash_lanes(position, seed) < threshold
+    # (2^16 keeps everything); offset: the position of out's first entry in the tensor it is a piece of;
+    # coef multiplies the kept entries, weight is what the consensus divisor counts
+    n = len(srcs)
+    lo, hi, coef, weight, lam = floats[:n], floats[n:2 * n], floats[2 * n:3 * n], floats[3 * n:4 * n], floats[4 * n]
+    seeds, thresholds, offset = ints[:n], ints[n:2 * n], ints[2 * n]
     kept = []
     for i, s in enumerate(srcs):
         keep = _keep(s, lo[i], hi[i], seeds[i], thresholds[i], offset, random)
@@ -78,9 +78,11 @@ def _kernel(
     out.view(-1).copy_(base + lam * agreeing)
 
 
-def _kept_l1(s: Tensor, lo: Tensor, hi: Tensor, seed: Tensor, threshold: Tensor, offset: Tensor, random: bool) -> Tensor:
-    """Chunk sums of the kept |s| (see sparsify.l1_partials); s holds whole chunks of L1_CHUNK entries."""
-    return torch.where(_keep(s, lo, hi, seed, threshold, offset, random), s.abs(), 0.0).view(-1, L1_CHUNK).sum(1)
+def _kept_l1(s: Tensor, floats: Tensor, ints: Tensor, random: bool) -> Tensor:
+    """Chunk sums of the kept |s| (see sparsify.l1_partials); s holds whole chunks of L1_CHUNK entries.
+    floats: lo, hi; ints: seed, threshold, offset (see _keep)."""
+    keep = _keep(s, floats[0], floats[1], ints[0], ints[1], ints[2], random)
+    return torch.where(keep, s.abs(), 0.0).view(-1, L1_CHUNK).sum(1)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -133,7 +135,8 @@ def _run(name: str, fn, *args, fallback=None):
 
 def _on(device: torch.device, values, dtype: torch.dtype = torch.float32) -> Tensor:
     """A kernel's small argument tensor on `device`, without a host sync: a plain copy to a GPU from pageable
-    memory waits for the stream to drain, which per tensor would stall the pipelined merge."""
+    memory waits for the stream to drain, which per tensor would stall the pipelined merge. Kernels take their
+    scalars packed in one or two such tensors: each costs a pinned allocation and a copy per call."""
     t = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t if device.type == "cpu" else t.to(device)
@@ -158,16 +161,14 @@ def _draw(part) -> tuple[int, int, int]:
 
 def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, consensus: bool, normalize: bool, ws=None) -> None:
     """Same result as the eager combine (up to float rounding), in one pass over memory."""
-    dev = base.device
-    vec = lambda values, dtype=torch.float32: _on(dev, values, dtype)
     draws = [_draw(p) for p in parts]
+    floats = [p.keep.lo for p in parts] + [p.keep.hi for p in parts] + [p.coef for p in parts] + [
+        p.weight for p in parts] + [lam]
+    ints = [d[0] for d in draws] + [d[1] for d in draws] + [max((d[2] for d in draws), default=0)]
     _run(
         "combine", _kernel,
         out, base.reshape(-1), [p.src.reshape(-1) for p in parts],
-        vec([p.keep.lo for p in parts]), vec([p.keep.hi for p in parts]),
-        vec([d[0] for d in draws], torch.int64), vec([d[1] for d in draws], torch.int64),
-        vec(max((d[2] for d in draws), default=0), torch.int64),
-        vec([p.coef for p in parts]), vec([p.weight for p in parts]), vec(lam),
+        _on(base.device, floats), _on(base.device, ints, torch.int64),
         consensus, normalize, any(p.draw is not None for p in parts),
     )
 
@@ -176,15 +177,14 @@ def fused_kept_partials(part) -> Tensor:
     """Chunk sums of what a part keeps (its cut and draw applied; sparsify.l1_partials), without writing the
     kept tensor."""
     src = part.src.reshape(-1)
-    dev = src.device
     seed, threshold, offset = _draw(part)
-    scalar = lambda v, dtype=torch.float32: _on(dev, v, dtype)
-    args = (scalar(part.keep.lo), scalar(part.keep.hi), scalar(seed, torch.int64), scalar(threshold, torch.int64))
+    floats = _on(src.device, [part.keep.lo, part.keep.hi])
     random = part.draw is not None
     full = src.numel() // L1_CHUNK * L1_CHUNK
-    sums = [_run("kept_l1", _kept_l1, src[:full], *args, scalar(offset, torch.int64), random)] if full else []
+    ints = _on(src.device, [seed, threshold, offset, offset + full], torch.int64)
+    sums = [_run("kept_l1", _kept_l1, src[:full], floats, ints, random)] if full else []
     if full < src.numel():  # the last, shorter chunk
         tail = src[full:]
-        kept = _keep(tail, *args, scalar(offset + full, torch.int64), random)
+        kept = _keep(tail, floats[0], floats[1], ints[0], ints[1], ints[3], random)
         sums.append(torch.where(kept, tail.abs(), 0.0).sum().reshape(1))
     return torch.cat(sums) if len(sums) > 1 else sums[0]

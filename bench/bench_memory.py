@@ -124,7 +124,8 @@ def child(spec: dict) -> dict:
 
 
 def kernel_profile(materialize, recipe, device: torch.device, rows: int = 8) -> str:
-    """The ops that took the most time in one call (device time on an accelerator), as torch.profiler's table."""
+    """The ops that took the most time in one call, as torch.profiler's tables: on an accelerator, by device time
+    and then by host time (where waits for the device, .item() and the like, show as host time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -132,8 +133,8 @@ def kernel_profile(materialize, recipe, device: torch.device, rows: int = 8) -> 
         materialize(recipe)
         if cuda:
             torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    keys = ["self_cuda_time_total", "self_cpu_time_total"] if cuda else ["self_cpu_time_total"]
+    return "\n".join(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60) for key in keys)
 
 
 def device_bytes(m, mode) -> int:
@@ -227,6 +228,8 @@ def main() -> None:
     ap.add_argument("--modes", type=int, default=len(MODES), help="run only the first N modes (after legacy)")
     ap.add_argument("--placements", default="device,host", help="run only the modes of these placements")
     ap.add_argument("--caches", default="on,off", help="run only the modes with these selection-cache settings")
+    ap.add_argument("--pairs", help="run only these placement:cache modes, e.g. device:off,host:on (each "
+                    "placement's default on an accelerator)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (legacy: cpu only; pass --no-legacy)")
     ap.add_argument("--profile", action="store_true", help="print each mode's costliest ops per method (one call)")
     ap.add_argument("--child")
@@ -259,7 +262,8 @@ def main() -> None:
     rows = []
     for k in (int(x) for x in args.k.split(",")):
         modes = (["legacy"] if not args.no_legacy else []) + [
-            m for m in MODES[: args.modes] if m[1] in args.placements.split(",") and m[2] in args.caches.split(",")]
+            m for m in MODES[: args.modes] if m[1] in args.placements.split(",") and m[2] in args.caches.split(",")
+            and (args.pairs is None or f"{m[1]}:{m[2]}" in args.pairs.split(","))]
         kernels = [False, True] if args.fused else [False]
         for mode in modes:
             for fused in kernels:

@@ -15,6 +15,8 @@
 # `bash bench/gpu_wheels.sh` fetches the wheels into .whl/ first, which this script installs to /tmp/site.
 #     bash bench/gpu_check.sh                      # OUT=dir for the logs, SIZE=100M for a smaller family
 #     DEVICE=cpu SPLIT=cpu,cpu SIZE=10M bash bench/gpu_check.sh   # the plumbing, on a machine without a GPU
+# A later run may take some steps only, and other modes or methods for the bench, e.g. each placement's default:
+#     STEPS="search bench" PAIRS=device:off,host:on PROFILE=1 TOTAL=400 bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -37,13 +39,19 @@ step() {  # step SECONDS LOG COMMAND...: run it under a time limit, its output t
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "== exit $rc" | tee -a "$OUT/$log"; status=1; }
 }
-step "${FUSED_LIMIT:-120}" check_fused_sums.txt "$PY" bench/check_fused_sums.py --device "$DEVICE"
-step "${SELECT_LIMIT:-90}" check_selection.txt "$PY" bench/check_selection.py --device "$DEVICE"
-step "${SPLIT_LIMIT:-90}" check_split.txt "$PY" bench/check_split.py --devices "$SPLIT"
-step "${SEARCH_STEP_LIMIT:-150}" search.txt env SEARCH_LIMIT=120 OUT="$OUT/search" bash bench/gpu_search.sh
+STEPS=${STEPS:-fused selection split search bench}
+PAIRS=${PAIRS:-device:off,host:off}  # placement:selection cache; the bench's modes
+METHODS=${METHODS:-linear,ties,dare_ties,della}
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+wanted fused && step "${FUSED_LIMIT:-120}" check_fused_sums.txt "$PY" bench/check_fused_sums.py --device "$DEVICE"
+wanted selection && step "${SELECT_LIMIT:-90}" check_selection.txt "$PY" bench/check_selection.py --device "$DEVICE"
+wanted split && step "${SPLIT_LIMIT:-90}" check_split.txt "$PY" bench/check_split.py --devices "$SPLIT"
+wanted search && step "${SEARCH_STEP_LIMIT:-150}" search.txt env SEARCH_LIMIT=120 OUT="$OUT/search" bash bench/gpu_search.sh
 # the bench last, with what is left of TOTAL seconds: it saves each mode as it ends, and --report prints them
-step $(( ${TOTAL:-560} - SECONDS > 60 ? ${TOTAL:-560} - SECONDS : 60 )) bench_memory.txt "$PY" bench/bench_memory.py \
-  --size "$SIZE" --k 2 --repeats 3 --device "$DEVICE" --fused --no-mergekit --no-legacy --caches off \
-  --methods linear,ties,dare_ties,della
-grep -q "^| K | mode" "$OUT/bench_memory.txt" || "$PY" bench/bench_memory.py --report 2>&1 | tee -a "$OUT/bench_memory.txt"
+if wanted bench; then
+  step $(( ${TOTAL:-560} - SECONDS > 60 ? ${TOTAL:-560} - SECONDS : 60 )) bench_memory.txt "$PY" bench/bench_memory.py \
+    --size "$SIZE" --k 2 --repeats 3 --device "$DEVICE" --fused --no-mergekit --no-legacy --pairs "$PAIRS" \
+    --methods "$METHODS" ${PROFILE:+--profile}
+  grep -q "^| K | mode" "$OUT/bench_memory.txt" || "$PY" bench/bench_memory.py --report 2>&1 | tee -a "$OUT/bench_memory.txt"
+fi
 exit $status

@@ -264,15 +264,19 @@ class Materializer:
 
     def _built(self, build):
         """build, run where it is fastest: a host task vector goes to an accelerator for the sort (numpy's
-        single-threaded sort of a 7B model's entries takes minutes), and what comes back is kept on the host."""
+        single-threaded sort of a 7B model's entries takes minutes), and what comes back is kept on the host.
+        Row ranks go back to the device a piece at a time, so they are pinned there like the sources: from
+        pageable memory each copy would wait for the stream (DELLA at 1B, H200: 0.75 s of 1.7 s a candidate)."""
         if self.store.placement != "host" or self.device.type == "cpu":
             return build
 
         def on_device(x: torch.Tensor):
             made = build(x.to(self.device))
-            if isinstance(made, SortedMagnitudes):
+            if isinstance(made, SortedMagnitudes):  # read on the host (the cut's value), never copied back
                 made.values = made.values.cpu()
                 return made
+            if isinstance(made, torch.Tensor) and made.numel() > 1:
+                return made.cpu().pin_memory() if self.device.type == "cuda" else made.cpu()
             return made.cpu() if isinstance(made, torch.Tensor) else made
 
         return on_device

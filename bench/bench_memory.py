@@ -13,7 +13,8 @@ once (warm-up: caches, compilation) and then --repeats times (median). Reported 
   the same components, and their ratio;
 - peak RSS B/param: the process's peak resident memory (everything: torch, the checkpoints read, the model);
 - ms per method (eager; fused with --fused), its ratio to the legacy fp32 path's, and to the bound: the bytes
-  the mode must move (read K+1 sources in the storage dtype, write the model) over the measured copy bandwidth;
+  the mode must move (read K+1 sources in the storage dtype, write the model) over the measured copy bandwidth,
+  or for host placement on an accelerator, the K+1 sources staged over the measured pinned host-to-device copy;
 - mergekit ms (run_merge on the same YAML, in bench/.mergekit-venv) for the same method and K.
 """
 
@@ -242,8 +243,8 @@ def main() -> None:
             r["mode"] = r["mode"] if r["mode"] == "legacy" else tuple(r["mode"])
             if r["mode"] != "legacy":  # the plan as the code plans it now (headers only: cheap)
                 r["plan_bytes"] = planned(fam, r["k"], r["mode"], saved.get("methods", args.methods.split(",")),
-                                          r["fused"])
-        print_tables(saved["rows"], list(saved["rows"][0]["times_s"]), saved["bandwidth"])
+                                          r["fused"], saved.get("h2d") is not None)
+        print_tables(saved["rows"], list(saved["rows"][0]["times_s"]), saved["bandwidth"], saved.get("h2d"))
         return
     if args.child:
         spec = json.loads(args.child)
@@ -254,9 +255,10 @@ def main() -> None:
     fam, methods = family(args.size), args.methods.split(",")
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
-    if device.type == "cuda":
-        print(f"host-to-device (pinned) {h2d_bandwidth(device) / 1e9:.1f} GB/s: the bound of host placement is "
-              "the staged bytes (K+1 sources) over it", flush=True)
+    h2d = h2d_bandwidth(device) if device.type == "cuda" else None
+    if h2d:
+        print(f"host-to-device (pinned) {h2d / 1e9:.1f} GB/s: the bound of host placement is the staged bytes "
+              "(K+1 sources) over it", flush=True)
     if not args.no_legacy:
         legacy_module()
     rows = []
@@ -276,7 +278,7 @@ def main() -> None:
                 rows.append({"k": k, "mode": mode, "fused": fused, **res,
                              "plan_bytes": None if mode == "legacy" else planned(fam, k, mode, methods, fused,
                                                                                  device.type == "cuda")})
-                save(rows, bandwidth, args.size, methods)  # after every mode: an interrupted run keeps what it measured (--report)
+                save(rows, bandwidth, args.size, methods, h2d)  # after every mode: an interrupted run keeps what it measured (--report)
                 print(f"k={k} {mode} {'fused' if fused else 'eager'}: done", file=sys.stderr, flush=True)
         if not args.no_mergekit:
             jobs = [{"name": m, "yaml": str(write_yaml(OUT / "recipes" / "memory" / f"{m}-k{k}.yaml",
@@ -286,12 +288,12 @@ def main() -> None:
             for r in rows:
                 if r["k"] == k:
                     r["mergekit_s"] = mk
-    save(rows, bandwidth, args.size, methods)
-    print_tables(rows, methods, bandwidth)
+    save(rows, bandwidth, args.size, methods, h2d)
+    print_tables(rows, methods, bandwidth, h2d)
 
 
-def save(rows: list[dict], bandwidth: float, size: str, methods: list[str]) -> None:
-    doc = {"size": size, "methods": methods, "bandwidth": bandwidth, "rows": rows}
+def save(rows: list[dict], bandwidth: float, size: str, methods: list[str], h2d: float | None = None) -> None:
+    doc = {"size": size, "methods": methods, "bandwidth": bandwidth, "h2d": h2d, "rows": rows}
     (OUT / "bench_memory.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -305,8 +307,14 @@ def _moved(row: dict) -> int:
     return row["params"] * ((row["k"] + 1) * s + 2)
 
 
-def print_tables(rows: list[dict], methods: list[str], bandwidth: float) -> None:
-    print(f"\ncopy bandwidth {bandwidth / 1e9:.2f} GB/s; times: median ms after one warm-up call\n")
+def _staged(row: dict) -> int:
+    """What host placement copies to the device per candidate: the K+1 sources in the storage dtype."""
+    return row["params"] * (row["k"] + 1) * (4 if row["mode"][0] == "float32" else 2)
+
+
+def print_tables(rows: list[dict], methods: list[str], bandwidth: float, h2d: float | None = None) -> None:
+    staged = f", host-to-device {h2d / 1e9:.1f} GB/s (the bound of host placement)" if h2d else ""
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.2f} GB/s{staged}; times: median ms after one warm-up call\n")
     print("| K | mode | kernel | device B/param (costliest method) | plan B/param | plan/measured | peak RSS B/param | load s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -327,7 +335,7 @@ def print_tables(rows: list[dict], methods: list[str], bandwidth: float) -> None
     print("|---|---|---|" + "---|" * len(methods))
     for r in rows:
         legacy = next((x for x in rows if x["k"] == r["k"] and x["mode"] == "legacy" and x["fused"] == r["fused"]), None)
-        bound = _moved(r) / bandwidth
+        bound = _staged(r) / h2d if h2d and r["mode"] != "legacy" and r["mode"][1] == "host" else _moved(r) / bandwidth
         cells = []
         for m in methods:
             t = r["times_s"][m]

@@ -41,7 +41,7 @@ def _kernel(
     out: Tensor,  # (n,)
     base: Tensor,  # (n,)
     srcs: list[Tensor],  # N x (n,)
-    floats: Tensor,  # (4N+1,) float32: lo, hi, coef, weight (N each), then lambda; see _packed
+    floats: Tensor,  # (4N+1,) float32: lo, hi, coef, weight (N each), then lambda (fused_combine packs them)
     ints: Tensor,  # (2N+1,) int64: seeds, thresholds (N each), then the offset
     consensus: bool,
     normalize: bool,

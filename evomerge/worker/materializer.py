@@ -275,9 +275,10 @@ class Materializer:
             if isinstance(made, SortedMagnitudes):  # read on the host (the cut's value), never copied back
                 made.values = made.values.cpu()
                 return made
-            if isinstance(made, torch.Tensor) and made.numel() > 1:
-                return made.cpu().pin_memory() if self.device.type == "cuda" else made.cpu()
-            return made.cpu() if isinstance(made, torch.Tensor) else made
+            if not isinstance(made, torch.Tensor):
+                return made
+            host = made.cpu()
+            return host.pin_memory() if self.device.type == "cuda" and host.numel() > 1 else host
 
         return on_device
 

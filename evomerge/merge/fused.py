@@ -78,11 +78,15 @@ def _kernel(
     out.view(-1).copy_(base + lam * agreeing)
 
 
-def _kept_l1(s: Tensor, floats: Tensor, ints: Tensor, random: bool) -> Tensor:
-    """Chunk sums of the kept |s| (see sparsify.l1_partials); s holds whole chunks of L1_CHUNK entries.
-    floats: lo, hi; ints: seed, threshold, offset (see _keep)."""
-    keep = _keep(s, floats[0], floats[1], ints[0], ints[1], ints[2], random)
-    return torch.where(keep, s.abs(), 0.0).view(-1, L1_CHUNK).sum(1)
+def _kept_l1(srcs: list[Tensor], floats: Tensor, ints: Tensor, random: bool) -> Tensor:
+    """(N, chunks): chunk sums of each kept |src| (see sparsify.l1_partials); each src holds whole chunks of
+    L1_CHUNK entries. floats: lo, hi (N each); ints: seeds, thresholds (N each), offset (see _keep)."""
+    n = len(srcs)
+    sums = []
+    for i, s in enumerate(srcs):
+        keep = _keep(s, floats[i], floats[n + i], ints[i], ints[n + i], ints[2 * n], random)
+        sums.append(torch.where(keep, s.abs(), 0.0).view(-1, L1_CHUNK).sum(1))
+    return torch.stack(sums)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -173,18 +177,24 @@ def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, con
     )
 
 
-def fused_kept_partials(part) -> Tensor:
-    """Chunk sums of what a part keeps (its cut and draw applied; sparsify.l1_partials), without writing the
-    kept tensor."""
-    src = part.src.reshape(-1)
-    seed, threshold, offset = _draw(part)
-    floats = _on(src.device, [part.keep.lo, part.keep.hi])
-    random = part.draw is not None
-    full = src.numel() // L1_CHUNK * L1_CHUNK
-    ints = _on(src.device, [seed, threshold, offset, offset + full], torch.int64)
-    sums = [_run("kept_l1", _kept_l1, src[:full], floats, ints, random)] if full else []
-    if full < src.numel():  # the last, shorter chunk
-        tail = src[full:]
-        kept = _keep(tail, floats[0], floats[1], ints[0], ints[1], ints[3], random)
-        sums.append(torch.where(kept, tail.abs(), 0.0).sum().reshape(1))
-    return torch.cat(sums) if len(sums) > 1 else sums[0]
+def fused_kept_partials(parts: Sequence) -> list[Tensor]:
+    """Chunk sums (sparsify.l1_partials) of what each part keeps (its cut and draw applied), without writing the
+    kept tensors: one compiled call for all the parts of a tensor (a compiled call's fixed cost, guards and
+    argument copies, is what a GPU candidate spends most on)."""
+    srcs = [p.src.reshape(-1) for p in parts]
+    dev, n = srcs[0].device, len(parts)
+    draws = [_draw(p) for p in parts]
+    full = srcs[0].numel() // L1_CHUNK * L1_CHUNK
+    floats = _on(dev, [p.keep.lo for p in parts] + [p.keep.hi for p in parts])
+    offset = max(d[2] for d in draws)  # where a piece starts: the same for every part that draws
+    ints = _on(dev, [d[0] for d in draws] + [d[1] for d in draws] + [offset, offset + full], torch.int64)
+    random = any(p.draw is not None for p in parts)
+    sums = list(_run("kept_l1", _kept_l1, [s[:full] for s in srcs], floats, ints, random)) if full else [None] * n
+    if full == srcs[0].numel():
+        return sums
+    for i, s in enumerate(srcs):  # the last, shorter chunk
+        tail = s[full:]
+        kept = _keep(tail, floats[i], floats[n + i], ints[i], ints[n + i], ints[2 * n + 1], random)
+        last = torch.where(kept, tail.abs(), 0.0).sum().reshape(1)
+        sums[i] = last if sums[i] is None else torch.cat([sums[i], last])
+    return sums

@@ -240,7 +240,7 @@ def _combine(
     if not items:
         return out.copy_(base)
 
-    parts = []
+    parts, rescaled = [], []
     for i, (w, d, d_l1) in enumerate(items):
         buf = ws.get(f"part{i}", base)
         src, keep, draw = sparsify(i, d, buf) if sparsify else (d, KEEP_ALL, None)
@@ -255,12 +255,18 @@ def _combine(
             src, keep = apply_rank_range(src, keep, buf, ws.get("cut", base), seen), KEEP_ALL
         part = Part(src, keep, draw, w, w)
         if rescale and (src is not d or keep != KEEP_ALL or draw is not None):
-            if piece is not None and piece.measure:
-                piece.partials.setdefault(i, []).append(kept_partials(part))
-                continue
-            kept = piece.kept_l1[i] if piece is not None else None
-            part.coef *= l1_rescale(d, part, d_l1, kept)
+            rescaled.append((i, d, d_l1, part))
         parts.append(part)
+    if rescaled:
+        # a piece's writing pass takes the kept norms its measuring pass summed over the whole tensor
+        known = piece is not None and not piece.measure
+        sums = [None] * len(rescaled) if known else kept_partials([r[3] for r in rescaled])
+        if piece is not None and piece.measure:
+            for (i, *_), chunk_sums in zip(rescaled, sums):
+                piece.partials.setdefault(i, []).append(chunk_sums)
+            return out
+        for (i, d, d_l1, part), chunk_sums in zip(rescaled, sums):
+            part.coef *= l1_rescale(d, d_l1, piece.kept_l1[i] if known else l1_total([chunk_sums]))
     if piece is not None and piece.measure:
         return out
 
@@ -319,20 +325,23 @@ def _kept(p: Part, ws: Workspace, slot: str) -> Tensor:
     return apply_rank_range(p.src, p.keep, ws.get(slot, p.src), ws.get("cut", p.src))
 
 
-def kept_partials(part: Part) -> Tensor:
-    """Chunk sums (sparsify.l1_partials) of what a part keeps."""
-    if part.keep == KEEP_ALL and part.draw is None:
-        return l1_partials(part.src)
-    return fused_kept_partials(part)
+def kept_partials(parts: Sequence[Part]) -> list[Tensor]:
+    """Chunk sums (sparsify.l1_partials) of what each part keeps: those whose cut or draw is still to apply
+    (the fused kernel's) in one compiled call."""
+    sums: list[Tensor | None] = [None if p.keep != KEEP_ALL or p.draw is not None else l1_partials(p.src) for p in parts]
+    pending = [i for i, s in enumerate(sums) if s is None]
+    if pending:
+        for i, s in zip(pending, fused_kept_partials([parts[i] for i in pending])):
+            sums[i] = s
+    return sums
 
 
-def l1_rescale(delta: Tensor, part: Part, delta_l1: float | None = None, kept_l1: float | None = None) -> float:
+def l1_rescale(delta: Tensor, delta_l1: float | None, kept_l1: float) -> float:
     """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0.
-    delta_l1, kept_l1: the norms of the task vector and of what the part keeps, where known (a piece of a
-    tensor needs the whole tensor's)."""
+    delta_l1: the task vector's norm where known (cached); kept_l1: the norm of what the part keeps (a piece
+    of a tensor takes the whole tensor's)."""
     before = delta_l1 if delta_l1 is not None else l1_norm(delta)
-    after = kept_l1 if kept_l1 is not None else l1_total([kept_partials(part)])
-    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    return before / kept_l1 if before >= 1e-7 and kept_l1 >= 1e-7 else 1.0
 
 
 # What each method does, its parameters and their defaults: specs.METHODS[name]. Besides the parameters,

@@ -163,16 +163,23 @@ def _draw(part) -> tuple[int, int, int]:
     return (part.draw.seed, part.draw.threshold, part.draw.offset) if part.draw is not None else (0, KEEP_EVERY, 0)
 
 
+def _selection(parts: Sequence) -> tuple[list[float], list[int]]:
+    """What the kernels need to tell each part's kept entries: the floats lo, hi (N each) and the ints seeds,
+    thresholds (N each), offset: the head of both packed argument tensors (see _kernel)."""
+    draws = [_draw(p) for p in parts]
+    offset = max(d[2] for d in draws)  # where a piece starts: the same for every part that draws
+    return ([p.keep.lo for p in parts] + [p.keep.hi for p in parts],
+            [d[0] for d in draws] + [d[1] for d in draws] + [offset])
+
+
 def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, consensus: bool, normalize: bool, ws=None) -> None:
     """Same result as the eager combine (up to float rounding), in one pass over memory."""
-    draws = [_draw(p) for p in parts]
-    floats = [p.keep.lo for p in parts] + [p.keep.hi for p in parts] + [p.coef for p in parts] + [
-        p.weight for p in parts] + [lam]
-    ints = [d[0] for d in draws] + [d[1] for d in draws] + [max((d[2] for d in draws), default=0)]
+    floats, ints = _selection(parts)
     _run(
         "combine", _kernel,
         out, base.reshape(-1), [p.src.reshape(-1) for p in parts],
-        _on(base.device, floats), _on(base.device, ints, torch.int64),
+        _on(base.device, floats + [p.coef for p in parts] + [p.weight for p in parts] + [lam]),
+        _on(base.device, ints, torch.int64),
         consensus, normalize, any(p.draw is not None for p in parts),
     )
 
@@ -183,11 +190,10 @@ def fused_kept_partials(parts: Sequence) -> list[Tensor]:
     argument copies, is what a GPU candidate spends most on)."""
     srcs = [p.src.reshape(-1) for p in parts]
     dev, n = srcs[0].device, len(parts)
-    draws = [_draw(p) for p in parts]
     full = srcs[0].numel() // L1_CHUNK * L1_CHUNK
-    floats = _on(dev, [p.keep.lo for p in parts] + [p.keep.hi for p in parts])
-    offset = max(d[2] for d in draws)  # where a piece starts: the same for every part that draws
-    ints = _on(dev, [d[0] for d in draws] + [d[1] for d in draws] + [offset, offset + full], torch.int64)
+    selection, ints = _selection(parts)
+    floats = _on(dev, selection)
+    ints = _on(dev, ints + [ints[-1] + full], torch.int64)  # then where the last, shorter chunk starts
     random = any(p.draw is not None for p in parts)
     sums = list(_run("kept_l1", _kept_l1, [s[:full] for s in srcs], floats, ints, random)) if full else [None] * n
     if full == srcs[0].numel():

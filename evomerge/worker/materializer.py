@@ -277,8 +277,7 @@ class Materializer:
                 return made
             if not isinstance(made, torch.Tensor):
                 return made
-            host = made.cpu()
-            return host.pin_memory() if self.device.type == "cuda" and host.numel() > 1 else host
+            return made.cpu().pin_memory() if self.device.type == "cuda" else made.cpu()
 
         return on_device
 

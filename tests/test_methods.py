@@ -171,7 +171,7 @@ def test_fused_kernel_equals_the_eager_kernel(method, params):
             kw["seed"] = 9
         results.append(tensor_function(method)(base, list(deltas), ws=Workspace(fused=compiled), **kw))
     assert torch.allclose(results[0], results[1], atol=1e-6, rtol=1e-6)
-    if method != "task_arithmetic":  # a plain weighted sum stays in eager ops (methods.combine)
+    if method != "task_arithmetic":  # a plain weighted sum stays in eager ops (methods._combine)
         assert "combine" in fused._compiled and not fused._broken  # compiled, not the eager fallback
 
 

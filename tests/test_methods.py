@@ -175,6 +175,28 @@ def test_fused_kernel_equals_the_eager_kernel(method, params):
         assert "combine" in fused._compiled and not fused._broken  # compiled, not the eager fallback
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_fused_rescale_factors_left_as_tensors_give_the_bits_of_host_floats(method, monkeypatch):
+    """A fused combine keeps rescale's norms and factors as float64 scalars where they were summed (no host
+    sync on a GPU): the same double operations as Python floats, so the same merged bits."""
+    from evomerge.merge import methods
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 4100 // 64 + 1, generator=gen)  # more than one L1 chunk, the last one short
+    deltas = [torch.randn(*base.shape, generator=gen) * 0.01 * (i + 1) for i in range(3)]
+    spec = METHODS[method]
+    kw = spec.arguments({"weight": [0.5, 0.3, 0.4], "density": [0.4, 0.6, 0.3], "rescale": True})
+    if spec.random:
+        kw["seed"] = 7
+    on_device = tensor_function(method)(base, list(deltas), ws=Workspace(fused=True), **kw)
+    factors = []
+    rescale = methods.l1_rescale
+    monkeypatch.setattr(methods, "l1_rescale", lambda d, d_l1, kept: factors.append(rescale(d, d_l1, float(kept))) or factors[-1])
+    on_host = tensor_function(method)(base, list(deltas), ws=Workspace(fused=True), **kw)
+    assert len(factors) == 3 and all(isinstance(f, float) and f > 1 for f in factors)  # the host path ran, rescaling
+    assert torch.equal(on_device, on_host)
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_random_methods_are_reproducible_from_the_seed(method):
     gen = torch.Generator().manual_seed(0)

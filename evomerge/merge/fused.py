@@ -147,6 +147,16 @@ def _on(device: torch.device, values, dtype: torch.dtype = torch.float32) -> Ten
     return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
 
 
+def _packed(device: torch.device, values: list) -> Tensor:
+    """_on for float32 values of which some may be scalar tensors already on the device (rescale's coefficients):
+    those are copied into place there, one small kernel each, instead of read back to the host."""
+    there = {i: v for i, v in enumerate(values) if isinstance(v, Tensor)}
+    packed = _on(device, [0.0 if i in there else v for i, v in enumerate(values)])
+    for i, v in there.items():
+        packed[i] = v
+    return packed
+
+
 def fused_weighted_sum(out: Tensor, base: Tensor, sources: Sequence[Tensor], coefs: Sequence[float]) -> bool:
     """out = base + sum_i coefs_i (sources_i - base) in float32, written in out's dtype: the bits of
     WeightedSum.apply with scale 1 on float32 task vectors, in one pass over the sources as they are stored.
@@ -178,7 +188,7 @@ def fused_combine(out: Tensor, base: Tensor, parts: Sequence, *, lam: float, con
     _run(
         "combine", _kernel,
         out, base.reshape(-1), [p.src.reshape(-1) for p in parts],
-        _on(base.device, floats + [p.coef for p in parts] + [p.weight for p in parts] + [lam]),
+        _packed(base.device, floats + [p.coef for p in parts] + [p.weight for p in parts] + [lam]),
         _on(base.device, ints, torch.int64),
         consensus, normalize, any(p.draw is not None for p in parts),
     )

@@ -32,7 +32,7 @@ from evomerge.merge.sparsify import (
     keep_threshold,
     l1_norm,
     l1_partials,
-    l1_total,
+    l1_sum,
     model_seed,
     rank_range,
     ranks_as_float,
@@ -191,12 +191,12 @@ class Piece:
     measure: bool = False
     seen: dict[int, dict] = field(default_factory=dict)
     partials: dict[int, list[Tensor]] = field(default_factory=dict)
-    kept_l1: dict[int, float] | None = None
+    kept_l1: dict[int, Tensor] | None = None
 
     def begin(self, measure: bool) -> None:
         """Back to the first piece, for the measuring or the writing pass."""
         if not measure and self.partials:
-            self.kept_l1 = {i: l1_total(p) for i, p in self.partials.items()}
+            self.kept_l1 = {i: l1_sum(p) for i, p in self.partials.items()}
         self.start, self.measure, self.seen, self.partials = 0, measure, {}, {}
 
 
@@ -208,7 +208,7 @@ class Part:
     keep: RankRange
     draw: Draw | None
     weight: float  # the model's weight (what the consensus divisor counts)
-    coef: float  # weight times the rescale factor
+    coef: float | Tensor  # weight times the rescale factor (a device scalar where the combine is fused)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +257,9 @@ def _combine(
         if rescale and (src is not d or keep != KEEP_ALL or draw is not None):
             rescaled.append((i, d, d_l1, part))
         parts.append(part)
+    # The compiled kernel wins where there is work to fuse (sign election, cuts, draws); a plain weighted
+    # sum is already one streaming pass per task vector in eager ops.
+    fuse = ws.fused and (consensus or any(p.keep != KEEP_ALL or p.draw is not None for p in parts))
     if rescaled:
         # a piece's writing pass takes the kept norms its measuring pass summed over the whole tensor
         known = piece is not None and not piece.measure
@@ -265,8 +268,11 @@ def _combine(
             for (i, *_), chunk_sums in zip(rescaled, sums):
                 piece.partials.setdefault(i, []).append(chunk_sums)
             return out
+        # The fused kernel reads its coefficients from a device tensor, so the norms and factors stay where
+        # they were summed: reading them would stall a GPU's queue once per model and tensor.
         for (i, d, d_l1, part), chunk_sums in zip(rescaled, sums):
-            part.coef *= l1_rescale(d, d_l1, piece.kept_l1[i] if known else l1_total([chunk_sums]))
+            kept = piece.kept_l1[i] if known else l1_sum([chunk_sums])
+            part.coef *= l1_rescale(d, d_l1, kept if fuse else float(kept))
     if piece is not None and piece.measure:
         return out
 
@@ -276,9 +282,6 @@ def _combine(
             divisor = 1.0
         for p in parts:
             p.coef *= lam / divisor
-    # The compiled kernel wins where there is work to fuse (sign election, cuts, draws); a plain weighted
-    # sum is already one streaming pass per task vector in eager ops.
-    fuse = ws.fused and (consensus or any(p.keep != KEEP_ALL or p.draw is not None for p in parts))
     (fused_combine if fuse else _combine_eager)(out, base, parts, lam=lam, consensus=consensus, normalize=normalize, ws=ws)
     return out
 
@@ -336,11 +339,14 @@ def kept_partials(parts: Sequence[Part]) -> list[Tensor]:
     return sums
 
 
-def l1_rescale(delta: Tensor, delta_l1: float | None, kept_l1: float) -> float:
+def l1_rescale(delta: Tensor, delta_l1: float | None, kept_l1: float | Tensor) -> float | Tensor:
     """Factor restoring the L1 norm the sparsifier removed (mergekit's `rescale`), 1 when either is ~0.
     delta_l1: the task vector's norm where known (cached); kept_l1: the norm of what the part keeps (a piece
-    of a tensor takes the whole tensor's)."""
+    of a tensor takes the whole tensor's). A float64 scalar tensor kept_l1 gives the factor as one, computed
+    where it is (the same IEEE double operations as on the host, so the same bits)."""
     before = delta_l1 if delta_l1 is not None else l1_norm(delta)
+    if isinstance(kept_l1, Tensor):  # x / x == 1 exactly: the factor is 1 where kept_l1 is ~0 (a where() costs more)
+        return before / kept_l1.masked_fill(kept_l1 < 1e-7, before) if before >= 1e-7 else 1.0
     return before / kept_l1 if before >= 1e-7 and kept_l1 >= 1e-7 else 1.0
 
 

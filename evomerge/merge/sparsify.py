@@ -284,9 +284,16 @@ def l1_partials(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else flat.new_zeros(0)
 
 
+def l1_sum(partials: list[torch.Tensor]) -> torch.Tensor:
+    """The L1 norm from the chunk sums of a tensor's pieces, in order: a float64 scalar where the sums are
+    (on an accelerator, reading it is a host sync)."""
+    sums = partials[0] if len(partials) == 1 else torch.cat([p.to(partials[0].device) for p in partials])
+    return sums.double().sum()
+
+
 def l1_total(partials: list[torch.Tensor]) -> float:
-    """The L1 norm from the chunk sums of a tensor's pieces, in order."""
-    return float(torch.cat([p.to(partials[0].device) for p in partials]).double().sum()) if partials else 0.0
+    """l1_sum as a number."""
+    return float(l1_sum(partials)) if partials else 0.0
 
 
 def l1_norm(x: torch.Tensor) -> float:

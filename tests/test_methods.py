@@ -191,9 +191,13 @@ def test_fused_rescale_factors_left_as_tensors_give_the_bits_of_host_floats(meth
     if spec.random:
         kw["seed"] = 7
     on_device = tensor_function(method)(base, list(deltas), ws=Workspace(fused=True), **kw)
-    factors = []
-    rescale = methods.l1_rescale
-    monkeypatch.setattr(methods, "l1_rescale", lambda d, d_l1, kept: factors.append(rescale(d, d_l1, float(kept))) or factors[-1])
+    factors, rescale = [], methods.l1_rescale
+
+    def on_the_host(delta, delta_l1, kept):  # the factor from Python floats, as for an eager combine
+        factors.append(rescale(delta, delta_l1, float(kept)))
+        return factors[-1]
+
+    monkeypatch.setattr(methods, "l1_rescale", on_the_host)
     on_host = tensor_function(method)(base, list(deltas), ws=Workspace(fused=True), **kw)
     assert len(factors) == 3 and all(isinstance(f, float) and f > 1 for f in factors)  # the host path ran, rescaling
     assert torch.equal(on_device, on_host)

@@ -190,17 +190,28 @@ def test_fused_rescale_factors_left_as_tensors_give_the_bits_of_host_floats(meth
     kw = spec.arguments({"weight": [0.5, 0.3, 0.4], "density": [0.4, 0.6, 0.3], "rescale": True})
     if spec.random:
         kw["seed"] = 7
+    factors: dict[str, list] = {"device": [], "host": []}
+    rescale = methods.l1_rescale
+
+    def recorded(where):
+        def factor(delta, delta_l1, kept):
+            factors[where].append(rescale(delta, delta_l1, float(kept) if where == "host" else kept))
+            return factors[where][-1]
+        return factor
+
+    monkeypatch.setattr(methods, "l1_rescale", recorded("device"))
     on_device = tensor_function(method)(base, list(deltas), ws=Workspace(fused=True), **kw)
-    factors, rescale = [], methods.l1_rescale
-
-    def on_the_host(delta, delta_l1, kept):  # the factor from Python floats, as for an eager combine
-        factors.append(rescale(delta, delta_l1, float(kept)))
-        return factors[-1]
-
-    monkeypatch.setattr(methods, "l1_rescale", on_the_host)
+    monkeypatch.setattr(methods, "l1_rescale", recorded("host"))  # the factors from Python floats, as eager's
     on_host = tensor_function(method)(base, list(deltas), ws=Workspace(fused=True), **kw)
-    assert len(factors) == 3 and all(isinstance(f, float) and f > 1 for f in factors)  # the host path ran, rescaling
+    assert all(isinstance(f, torch.Tensor) and f.dtype == torch.float64 for f in factors["device"])
+    assert len(factors["host"]) == 3 and all(isinstance(f, float) and f > 1 for f in factors["host"])
+    assert [f.item() for f in factors["device"]] == factors["host"]  # every double bit: a true division
     assert torch.equal(on_device, on_host)
+    # and for many norms, ~0 included (factor 1): a reciprocal and a product would differ in ~1 of 4 here
+    kept = torch.cat([torch.rand(2000, generator=gen, dtype=torch.float64) * 5, torch.tensor([0.0, 5e-8])])
+    assert [rescale(None, 0.37, k).item() for k in kept] == [rescale(None, 0.37, k.item()) for k in kept]
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_random_methods_are_reproducible_from_the_seed(method):
     gen = torch.Generator().manual_seed(0)

@@ -345,8 +345,12 @@ def l1_rescale(delta: Tensor, delta_l1: float | None, kept_l1: float | Tensor) -
     of a tensor takes the whole tensor's). A float64 scalar tensor kept_l1 gives the factor as one, computed
     where it is (the same IEEE double operations as on the host, so the same bits)."""
     before = delta_l1 if delta_l1 is not None else l1_norm(delta)
-    if isinstance(kept_l1, Tensor):  # x / x == 1 exactly: the factor is 1 where kept_l1 is ~0 (a where() costs more)
-        return before / kept_l1.masked_fill(kept_l1 < 1e-7, before) if before >= 1e-7 else 1.0
+    if isinstance(kept_l1, Tensor):
+        if before < 1e-7:
+            return 1.0
+        # a true division (float / tensor would be a reciprocal and a product: two roundings); x / x == 1
+        # exactly, so the factor is 1 where kept_l1 is ~0 (cheaper than a where() with a scalar)
+        return torch.full_like(kept_l1, before).div_(kept_l1.masked_fill(kept_l1 < 1e-7, before))
     return before / kept_l1 if before >= 1e-7 and kept_l1 >= 1e-7 else 1.0
 
 

@@ -52,8 +52,11 @@ def family(size: str) -> Family:
     if marker.is_file() and json.loads(marker.read_text()) == key:
         return Family(base=root / "base", sources=[root / f"source_{i}" for i in range(3)])
     marker.unlink(missing_ok=True)
+    t = time.perf_counter()
     fam = make_family(root, SIZES[size], n_sources=3, seed=0, dtype=torch.bfloat16)
     marker.write_text(json.dumps(key))
+    # a fresh machine (a lent GPU's) builds the family before it measures anything: say what that cost
+    print(f"built the {size} family (base and 3 sources, bf16) in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     return fam
 
 
@@ -178,6 +181,18 @@ def run_child(spec: dict) -> dict:
 
 
 # -- the plan's estimate of the same components ----------------------------------------------------------------
+def space(methods: list[str]) -> dict:
+    """A search space over `methods` with only the genes they take (the space's check refuses any other)."""
+    from evomerge.merge.specs import METHODS as SPECS
+
+    ps: dict = {"methods": methods, "weight": [0.0, 1.0]}
+    if any(SPECS[m].param("density") for m in methods):
+        ps["density"] = [0.1, 1.0]
+    if any(SPECS[m].param("lambda") for m in methods):
+        ps["params"] = {"lambda": [0.5, 1.5]}
+    return {"kind": "ps", "ps": ps}
+
+
 def planned(fam: Family, k: int, mode, methods: list[str], fused: bool, cuda: bool = False) -> int:
     """The plan's device bytes for a GPU worker in this mode, with the scratch of the kernel measured: the plan
     gives GPU workers the fused kernel's scratch, and this bench measures on the CPU, eager unless --fused."""
@@ -195,7 +210,7 @@ def planned(fam: Family, k: int, mode, methods: list[str], fused: bool, cuda: bo
     config = RunConfig.model_validate({
         "name": "bench", "sources": {"models": {f"m{i}": str(s) for i, s in enumerate(fam.sources[:k])},
                                      "base_model": str(fam.base)},
-        "search_space": {"preset": "ps_ties_dare", "ps": {"methods": methods}},
+        "search_space": space(methods),
         "fitness": {"calibration": "unused.json"}, "objectives": [{"task": "t"}]})
     w = read_workload(config, OUT, "bench")
     gpu = Workers(gpu=True, per_node=1, gpus_each=1.0, device_free=None, host_available=None, source="bench")

@@ -20,6 +20,8 @@ from evomerge.merge.sparsify import (
     keep_threshold,
     kth_largest_by_topk,
     rank_range,
+    ranks_as_float,
+    row_ranks,
 )
 from evomerge.merge.specs import METHODS, TENSOR
 
@@ -332,3 +334,17 @@ def test_the_topk_cut_is_kthvalues_at_every_rank_ties_included():
     n = mag.numel()
     for k in [1, 2, 100, 500, 501, 502, 900, n - 1, n]:
         assert kth_largest_by_topk(mag, k) == torch.kthvalue(mag, n - k + 1).values, k
+
+
+@pytest.mark.parametrize("shape,levels", [((40, 300), None), ((5000,), None), ((30, 500), 7), ((2, 70000), 50)])
+def test_row_ranks_are_each_rows_magnitude_order_inverted(shape, levels):
+    """Rank r: the entry is the (r+1)-th smallest |x| of its row (ties by position, as a stable sort puts them);
+    rows longer than 2^16 are stored in int32, shorter ones in int16 offset by -2^15."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    if levels:
+        x = (x * levels).round()  # many ties
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    ranks = row_ranks(x)
+    assert ranks.dtype == (torch.int32 if rows.shape[1] > 1 << 16 else torch.int16)
+    expected = rows.abs().argsort(dim=1, stable=True).argsort(dim=1)
+    assert torch.equal(ranks_as_float(ranks).long(), expected)

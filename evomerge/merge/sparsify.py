@@ -167,13 +167,18 @@ def _first_ties(x: torch.Tensor, ties: Ties, seen: dict | None, cut: str) -> tor
 
 
 def row_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Magnitude rank of every entry within its row (dim 1; a 1-D tensor is one row), 0 = smallest.
-    Stored compactly (int16, offset by -2^15) when rows are at most 2^16 long."""
+    """Magnitude rank of every entry within its row (dim 1; a 1-D tensor is one row), 0 = smallest; equal
+    magnitudes in the order of their positions (a stable sort: CPU and GPU rank ties alike, where an unstable
+    CPU sort and a GPU radix sort did not). Stored compactly (int16, offset by -2^15) when rows are at most
+    2^16 long."""
     rows = x.reshape(1, -1) if x.dim() < 2 else x
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1)
-    if rows.shape[1] <= _LANES:
-        return (ranks - 32768).to(torch.int16)
-    return ranks.to(torch.int32)
+    order = rows.abs().argsort(dim=1, stable=True)
+    # the ranks are the inverse permutation of the order: one scatter instead of a second sort (half the time,
+    # on CPU and GPU alike), written in the stored dtype and offset directly
+    m, small = rows.shape[1], rows.shape[1] <= _LANES
+    dtype, first = (torch.int16, -32768) if small else (torch.int32, 0)
+    values = torch.arange(first, first + m, dtype=dtype, device=x.device).expand(rows.shape)
+    return torch.empty(rows.shape, dtype=dtype, device=x.device).scatter_(1, order, values)
 
 
 def ranks_as_float(ranks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,9 @@ from evomerge.merge.sparsify import (
     bernoulli_tensor,
     hash_lanes,
     keep_threshold,
+    kth_largest_by_radix,
     kth_largest_by_topk,
+    radix_cut,
     rank_range,
     ranks_as_float,
     row_ranks,
@@ -334,6 +336,36 @@ def test_the_topk_cut_is_kthvalues_at_every_rank_ties_included():
     n = mag.numel()
     for k in [1, 2, 100, 500, 501, 502, 900, n - 1, n]:
         assert kth_largest_by_topk(mag, k) == torch.kthvalue(mag, n - k + 1).values, k
+
+
+@pytest.mark.parametrize("kind", ["distinct", "tied", "zeros", "subnormal", "inf", "bf16 steps"])
+def test_the_radix_cut_is_kthvalues_at_every_rank(kind):
+    """CPU finds the exact cut of a large tensor by a radix select over the float bits: it must pick kthvalue's
+    value at every rank, among ties, zeros, subnormals and infinities too."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3001, generator=gen)
+    x = {"distinct": x, "tied": (x * 4).round(), "zeros": torch.where(x > 0.3, x, 0.0), "subnormal": x * 1e-40,
+         "inf": torch.where(x > 2, float("inf"), x), "bf16 steps": (x * 0.01).bfloat16().float()}[kind]
+    mag, n = x.abs(), x.numel()
+    for k in [1, 2, 3, 100, 1500, 1501, 2999, n - 1, n]:
+        t, greater, tied = radix_cut(mag, k)
+        assert torch.equal(t, torch.kthvalue(mag, n - k + 1).values), k
+        assert (greater, tied) == (int((mag > t).sum()), int((mag == t).sum())), k
+
+
+def test_a_cut_after_a_whole_run_of_ties_keeps_the_run_without_tie_lookups():
+    """Where every entry equal to the cut's value is kept, the CPU cut is a plain threshold (no tie positions,
+    no cumulative count), and keeps what a stable sort keeps."""
+    x = (torch.randn(1 << 17, generator=torch.Generator().manual_seed(6)) * 9).round()
+    mag = x.abs()
+    for v in [9.0, 3.0, 1.0]:
+        k = int((mag >= v).sum())  # the top k end exactly where the run of |x| == v ends
+        r = rank_range(x, k)
+        assert r.exact and mag[mag < v].max() <= r.lo < v, v  # a threshold just below v, no tie lookup
+        kept = apply_rank_range(x, r, torch.empty_like(x))
+        assert torch.equal(kept, torch.where(mag >= v, x, 0.0)), v
+        partial = rank_range(x, k - 1)  # one tied entry fewer: the ties at the cut are looked up
+        assert not partial.exact
 
 
 @pytest.mark.parametrize("shape,levels", [((40, 300), None), ((5000,), None), ((30, 500), 7), ((2, 70000), 50)])

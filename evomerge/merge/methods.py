@@ -116,9 +116,11 @@ def sparsify_magnitude(delta: Tensor, density: float, buf: Tensor, sm: SortedMag
         return delta, KEEP_NONE, None
     n = delta.numel() if n is None else n
     k = max(1, keep_fraction_count(density, n))
-    if sm is None:  # no cached magnitudes: select exactly now, the kept entries written to buf
+    if sm is None:  # no cached magnitudes: select exactly now
         assert n == delta.numel(), "selecting without sorted magnitudes needs the whole tensor"
-        return select_ranks_into(delta, k, 0, buf), KEEP_ALL, None
+        if delta.device.type == "cpu":  # reading the cut costs no sync here: thresholds, as from the cache
+            return delta, rank_range(delta, k, 0), None
+        return select_ranks_into(delta, k, 0, buf), KEEP_ALL, None  # device ops only: the kept entries in buf
     return delta, rank_range(delta, k, 0, sm), None
 
 
@@ -132,6 +134,8 @@ def sparsify_outliers(delta: Tensor, density: float, gamma: float, buf: Tensor, 
     top = min(int(gamma * n), n - keep)  # too few small entries left: drop fewer of the large ones
     if sm is None:
         assert n == delta.numel(), "selecting without sorted magnitudes needs the whole tensor"
+        if delta.device.type == "cpu":
+            return delta, rank_range(delta, keep + top, top), None
         return select_ranks_into(delta, keep + top, top, buf), KEEP_ALL, None
     return delta, rank_range(delta, keep + top, top, sm), None
 

@@ -18,7 +18,6 @@ from evomerge.merge.sparsify import (
     bernoulli_tensor,
     hash_lanes,
     keep_threshold,
-    kth_largest_by_radix,
     kth_largest_by_topk,
     radix_cut,
     rank_range,

@@ -127,7 +127,7 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     on its device."""
     if mag.device.type == "cpu":
         if mag.dtype == torch.float32 and mag.numel() >= RADIX_MIN:
-            return kth_largest_by_radix(mag, k)
+            return radix_cut(mag, k)[0]
         return torch.kthvalue(mag, mag.numel() - k + 1).values
     # CUDA's kthvalue selects within a slice with a single thread block: 11 s per candidate for the TIES cuts of
     # a 1B model on an H200 (bench/README.md). topk's radix select spreads one slice over the whole device.
@@ -140,11 +140,6 @@ def kth_largest_by_topk(mag: torch.Tensor, k: int) -> torch.Tensor:
     if 2 * k <= n + 1:
         return torch.topk(mag, k, sorted=False).values.min()
     return torch.topk(mag, n - k + 1, largest=False, sorted=False).values.max()
-
-
-def kth_largest_by_radix(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """kth_largest of float32 magnitudes on CPU (radix_cut)."""
-    return radix_cut(mag, k)[0]
 
 
 def _high_bits(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ def test_components_from_headers_equal_hand_computed_bytes(llama, tmp_path):
     cpu = estimate(w, Setting("device", "auto", True), CPU)
     assert parts(cpu) == {
         "sources": ((K + 1) * P * 4, "host"), "live model": (P * 4, "host"),
-        "scratch": ((3 * K + 6 + K + 1 - 2) * largest * 4, "host"), "selection caches": (K * P * 4, "host"),
+        "scratch": ((3 * K + 6 + 2 - 2) * largest * 4, "host"), "selection caches": (K * P * 4, "host"),
         "activations": (activations(4, cpu=True), "host"), "worker process": (mp.WORKER_PROCESS_BYTES, "host")}
     assert cpu.host_node == sum(b for b, _ in parts(cpu).values()) and cpu.per_gpu == 0
     # host placement on a CPU stages nothing, and methods that may rescale (all of ties_dare's) merge whole
@@ -72,7 +72,7 @@ def test_components_from_headers_equal_hand_computed_bytes(llama, tmp_path):
     half = parts(estimate(w, Setting("device", "bfloat16", False), CPU))
     assert half["sources"][0] == (K + 1) * P * 2 and half["live model"][0] == P * 2
     assert "selection caches" not in half and half["activations"][0] == activations(2, cpu=True)
-    assert half["scratch"][0] == (3 * K + 6) * largest * 4  # + an fp32 copy of the base; no cut values to read
+    assert half["scratch"][0] == (3 * K + 6 + 2) * largest * 4  # + an fp32 copy of the base; a CPU cuts exactly
     assert half["selection transients"][0] == mp.SELECTION_TRANSIENTS * largest * 4  # but exact selections
 
     # GPU worker, sources on the host: the device holds live model, scratch (the fused kernel's: no sign election
@@ -277,7 +277,8 @@ def test_cpu_workers_plan_block_scratch_for_elementwise_methods():
     ta = lambda methods, blocks: scratch_fp32_entries(k, methods, False, "bfloat16", "bfloat16", False, big, blocks)
     assert ta(("task_arithmetic",), True) == (k + 2) * BLOCK_ENTRIES  # base, task vectors, result
     assert ta(("task_arithmetic",), False) == (k + 2) * big
-    assert ta(("task_arithmetic", "ties"), True) == ta(("ties",), False) == (3 * k + 6) * big
+    assert ta(("task_arithmetic", "ties"), True) == (3 * k + 6 + 2) * big  # a CPU cuts by thresholds (+ cut, kept)
+    assert ta(("ties",), False) == (3 * k + 6) * big
     small = scratch_fp32_entries(k, ("linear",), False, "bfloat16", "bfloat16", False, 1000, True)
     assert small == (k + 2) * 1000  # a model whose tensors all fit one block: whole tensors
 
@@ -290,7 +291,7 @@ def test_host_placement_plans_scratch_and_staging_of_a_piece(llama, tmp_path):
     big, k, piece = 50 * piece_entries(True), 2, piece_entries(True)
     eager = lambda methods, cache: scratch_fp32_entries(k, methods, cache, "bfloat16", "bfloat16", False, big,
                                                         False, piece)
-    assert eager(("ties",), True) == (3 * k + 6 + k + 1) * piece
+    assert eager(("ties",), True) == (3 * k + 6 + 2) * piece
     assert eager(("ties",), False) == (3 * k + 6) * big  # an exact selection needs the whole tensor
     assert eager(("dare_ties", "della"), False) == (3 * k + 6) * piece
     assert eager(("dare_ties", "slerp"), False) == (2 * k + 2) * big  # slerp's norms: whole tensors

@@ -301,7 +301,7 @@ def _combine_eager(out: Tensor, base: Tensor, parts: list[Part], *, lam: float, 
     # TIES sign consensus: elect the sign of the weighted sum per entry; average the entries that agree.
     weighted = []
     for i, p in enumerate(parts):
-        wd = torch.mul(_kept(p, ws, f"kept{i}"), p.coef, out=ws.get(f"weighted{i}", base))
+        wd = torch.mul(_kept(p, ws, "kept"), p.coef, out=ws.get(f"weighted{i}", base))  # one kept buffer, used at once
         weighted.append(wd)
     sign = ws.get("sign", base)
     sign.copy_(weighted[0])

@@ -56,7 +56,8 @@ from evomerge.search.preflight import check_source_dirs, sources_by_field
 # TIES sign election's weighted parts, sign, agreeing sum, divisor and a temporary (the fused kernel keeps those
 # in registers)
 SCRATCH_AVERAGE, SCRATCH_TASK_VECTORS, SCRATCH_SPARSIFY_EAGER = (1, 2), (2, 2), (3, 6)
-SCRATCH_CACHED_SELECTION = (1, 1)  # reading a magnitude cache: the cut, and at worst each model's kept entries
+SCRATCH_CACHED_SELECTION = (0, 2)  # a cut by thresholds (a magnitude cache's, or CPU's exact one): the cut's
+# scratch, and the kept entries of the model being combined
 # an exact selection without caches, one model at a time: magnitudes, topk's values and int64 indices of up to half
 # the entries (or a row sort's), the tie count's cumsum; in the device's peak (bench_memory.py's peak_device)
 SELECTION_TRANSIENTS = 3
@@ -96,8 +97,9 @@ def scratch_fp32_entries(k: int, methods: tuple[str, ...], cache: bool, storage:
         per, fixed = (SCRATCH_AVERAGE if spec.elementwise else
                       SCRATCH_SPARSIFY_EAGER if spec.param("density") and not fused else
                       SCRATCH_TASK_VECTORS if spec.needs_base else SCRATCH_AVERAGE)
-        cached = cache and spec.uses_magnitude
-        return (per + SCRATCH_CACHED_SELECTION[0] * cached) * k + fixed + SCRATCH_CACHED_SELECTION[1] * cached \
+        # a cut by thresholds (what the cache gives, and on CPU workers (blocks) an exact cut without one too)
+        cut = spec.uses_magnitude and (cache or blocks)
+        return (per + SCRATCH_CACHED_SELECTION[0] * cut) * k + fixed + SCRATCH_CACHED_SELECTION[1] * cut \
             - (storage == "float32") - (live == "float32")
 
     return max(map(entries, methods), default=(SCRATCH_AVERAGE[0] * k + SCRATCH_AVERAGE[1]) * largest)

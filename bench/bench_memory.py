@@ -56,7 +56,8 @@ def family(size: str) -> Family:
     fam = make_family(root, SIZES[size], n_sources=3, seed=0, dtype=torch.bfloat16)
     marker.write_text(json.dumps(key))
     # a fresh machine (a lent GPU's) builds the family before it measures anything: say what that cost
-    print(f"built the {size} family (base and 3 sources, bf16) in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    print(f"built the {size} family (base and 3 sources, bf16) in {time.perf_counter() - t:.0f} s", file=sys.stderr,
+          flush=True)
     return fam
 
 

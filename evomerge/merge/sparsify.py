@@ -208,10 +208,10 @@ def apply_rank_range(x: torch.Tensor, r: RankRange, out: torch.Tensor, scratch: 
 
 
 def _first_ties(x: torch.Tensor, ties: Ties, seen: dict | None, cut: str) -> torch.Tensor:
-    """Bool mask of the first ties.count entries with |x| == ties.value, counting those of earlier pieces;
-    device ops only (the running count stays a device tensor: no host sync per tensor or piece)."""
+    """Bool mask of the first ties.count entries with |x| == ties.value, counting those of earlier pieces. On an
+    accelerator, device ops only (the running count stays a device tensor: no host sync per tensor or piece)."""
     tied = x.abs() == ties.value
-    if x.device.type == "cpu":  # no sync to avoid here: the tied positions (a short list) instead of a running count
+    if x.device.type == "cpu":  # no sync to avoid: the tied positions (a short list) instead of a running count
         before = int(seen.get(cut, 0)) if seen is not None else 0
         positions = tied.view(-1).nonzero().view(-1)
         if seen is not None:

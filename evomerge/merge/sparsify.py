@@ -1,7 +1,7 @@
 """Masks that sparsify task vectors: exact magnitude rank ranges, and seeded Bernoulli draws.
 
 Magnitude selection is the hot spot of TIES and breadcrumbs: a `kthvalue` costs ~20 memory copies
-of the tensor on CPU (`kth_largest` finds the cut by a radix select there, and by topk on CUDA). The
+of the tensor on CPU (`radix_cut` finds the cut there, topk on CUDA: `kth_largest`). The
 materializer keeps, per resident task vector, its magnitudes sorted once (`SortedMagnitudes`, 4 bytes
 per entry), so "the k largest" becomes two thresholds found by binary search: keep lo < |x| <= hi,
 which a single pass (or a fused kernel) applies. Only when equal magnitudes straddle a cut are tied
@@ -64,17 +64,19 @@ class RankRange:
 
 
 class _Magnitudes:
-    """|x| flat in float32, for exact cuts without sorted magnitudes. On CPU the histogram of the high bits
-    (radix_cut) is kept for a second cut of the same tensor (breadcrumbs cuts twice)."""
+    """|x| flat in float32 (made at the first cut), for exact cuts without sorted magnitudes. On CPU, large
+    tensors are cut by radix_cut, whose histogram of the high bits serves a second cut (breadcrumbs cuts twice)."""
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.mag = x.reshape(-1).abs().float()
-        self.radix = self.mag.device.type == "cpu" and self.mag.numel() >= RADIX_MIN
+        self.x, self.numel = x, x.numel()
+        self.mag: torch.Tensor | None = None
         self._high: tuple | None = None
 
     def cut(self, k: int) -> tuple[torch.Tensor, int, int | None]:
         """The k-th largest, the count of entries greater, and of those equal (None where not counted)."""
-        if not self.radix:
+        if self.mag is None:
+            self.mag = self.x.reshape(-1).abs().float()
+        if self.mag.device.type != "cpu" or self.numel < RADIX_MIN:
             t = kth_largest(self.mag, k)
             return t, int((self.mag > t).sum()), None
         if self._high is None:
@@ -82,16 +84,16 @@ class _Magnitudes:
         return radix_cut(self.mag, k, self._high)
 
 
-def _top_cut(x: torch.Tensor | _Magnitudes | None, k: int, sm: SortedMagnitudes | None) -> tuple[float, Ties | None]:
-    """Strict threshold t and ties such that {|x| > t} plus the ties are exactly the k largest. With sorted
-    magnitudes `x` is not read (it may be None)."""
-    n = sm.numel if sm is not None else x.mag.numel() if isinstance(x, _Magnitudes) else x.numel()
+def _top_cut(mags: _Magnitudes | None, k: int, sm: SortedMagnitudes | None) -> tuple[float, Ties | None]:
+    """Strict threshold t and ties such that {|x| > t} plus the ties are exactly the k largest: from the sorted
+    magnitudes where cached, else from x's (`mags`)."""
+    n = sm.numel if sm is not None else mags.numel
     if k >= n:
         return -1.0, None
     if k <= 0:
         return math.inf, None
     if sm is None:  # a full selection
-        t, greater, tied = (x if isinstance(x, _Magnitudes) else _Magnitudes(x)).cut(k)
+        t, greater, tied = mags.cut(k)
         if float(t) == 0.0:  # tied zeros: the same values whichever of them are kept
             return 0.0, None
         if tied is not None and greater + tied == k:  # every entry equal to t is kept: |x| > the float below t
@@ -110,12 +112,11 @@ def _top_cut(x: torch.Tensor | _Magnitudes | None, k: int, sm: SortedMagnitudes 
 
 def rank_range(x: torch.Tensor | None, upto: int, skip: int = 0, sm: SortedMagnitudes | None = None) -> RankRange:
     """Keep the entries ranked skip .. upto-1 by descending magnitude (exact counts)."""
-    if sm is None and 0 < skip < x.numel():
-        x = _Magnitudes(x)  # both cuts from one pass over |x|
-    lo, add = _top_cut(x, upto, sm)
+    mags = _Magnitudes(x) if sm is None else None  # both cuts from one |x|
+    lo, add = _top_cut(mags, upto, sm)
     if skip <= 0:
         return RankRange(lo, math.inf, add)
-    hi_strict, drop = _top_cut(x, skip, sm)  # the top `skip` are |x| > hi_strict plus the `drop` ties
+    hi_strict, drop = _top_cut(mags, skip, sm)  # the top `skip` are |x| > hi_strict plus the `drop` ties
     return RankRange(lo, hi_strict, add, drop)
 
 
@@ -123,11 +124,9 @@ RADIX_MIN = 1 << 16  # from here a radix select beats CPU kthvalue (2^16: 0.36 v
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of the flat tensor mag (1 <= k <= numel; magnitudes, so >= 0), as a 0-d tensor
-    on its device."""
+    """The k-th largest entry of the flat tensor mag (1 <= k <= numel), as a 0-d tensor on its device (CPU cuts
+    of large tensors take radix_cut instead, which counts as it selects)."""
     if mag.device.type == "cpu":
-        if mag.dtype == torch.float32 and mag.numel() >= RADIX_MIN:
-            return radix_cut(mag, k)[0]
         return torch.kthvalue(mag, mag.numel() - k + 1).values
     # CUDA's kthvalue selects within a slice with a single thread block: 11 s per candidate for the TIES cuts of
     # a 1B model on an H200 (bench/README.md). topk's radix select spreads one slice over the whole device.

@@ -93,8 +93,14 @@ def child(spec: dict) -> dict:
         from evomerge.worker.materializer import Materializer
 
         dtype, placement, cache = spec["mode"]
+        kernel = spec.get("kernel", "fused" if spec["fused"] else "eager")
         m = Materializer(paths, str(fam.base), device=device, fused=spec["fused"], storage_dtype=dtype,
-                         placement=placement, selection_cache=cache == "on")
+                         placement=placement, selection_cache=cache == "on",
+                         precompiled="build" if kernel == "precompiled" else "off")
+        if kernel == "precompiled":  # each method's packages built (or found) before anything is timed
+            for method in spec["methods"]:
+                m.materialize(Recipe.from_mergekit(recipe(method, fam, k), where=method))
+                m.precompiled.wait()
     load_s = time.perf_counter() - t
     model = m.model
     params = sum(p.numel() for p in model.parameters())
@@ -240,6 +246,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--fused", action="store_true", help="also time the compiled combine kernel")
+    ap.add_argument("--precompiled", action="store_true", help="also time the weighted sums by kernels compiled "
+                    "ahead of time (CPU; built first where the cache lacks them)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--no-legacy", action="store_true")
     ap.add_argument("--modes", type=int, default=len(MODES), help="run only the first N modes (after legacy)")
@@ -282,20 +290,23 @@ def main() -> None:
         modes = (["legacy"] if not args.no_legacy else []) + [
             m for m in MODES[: args.modes] if m[1] in args.placements.split(",") and m[2] in args.caches.split(",")
             and (args.pairs is None or f"{m[1]}:{m[2]}" in args.pairs.split(","))]
-        kernels = [False, True] if args.fused else [False]
+        kernels = ["eager"] + ["fused"] * args.fused + ["precompiled"] * args.precompiled
         for mode in modes:
-            for fused in kernels:
+            for kernel in kernels:
+                if kernel == "precompiled" and mode == "legacy":
+                    continue
+                fused = kernel == "fused"
                 spec = {"base": str(fam.base), "sources": [str(s) for s in fam.sources], "k": k, "mode": mode,
-                        "fused": fused, "methods": methods, "repeats": args.repeats, "device": args.device,
-                        "profile": args.profile}
+                        "fused": fused, "kernel": kernel, "methods": methods, "repeats": args.repeats,
+                        "device": args.device, "profile": args.profile}
                 res = run_child(spec)
                 for method, table in res.pop("profiles", {}).items():
-                    print(f"\n{_mode_name(mode)} {'fused' if fused else 'eager'} {method}, one call:\n{table}", flush=True)
-                rows.append({"k": k, "mode": mode, "fused": fused, **res,
+                    print(f"\n{_mode_name(mode)} {kernel} {method}, one call:\n{table}", flush=True)
+                rows.append({"k": k, "mode": mode, "fused": fused, "kernel": kernel, **res,
                              "plan_bytes": None if mode == "legacy" else planned(fam, k, mode, methods, fused,
                                                                                  device.type == "cuda")})
                 save(rows, bandwidth, args.size, methods, h2d)  # after every mode: an interrupted run keeps what it measured (--report)
-                print(f"k={k} {mode} {'fused' if fused else 'eager'}: done", file=sys.stderr, flush=True)
+                print(f"k={k} {mode} {kernel}: done", file=sys.stderr, flush=True)
         if not args.no_mergekit:
             jobs = [{"name": m, "yaml": str(write_yaml(OUT / "recipes" / "memory" / f"{m}-k{k}.yaml",
                                                        recipe(m, fam, k)))} for m in methods]
@@ -311,6 +322,10 @@ def main() -> None:
 def save(rows: list[dict], bandwidth: float, size: str, methods: list[str], h2d: float | None = None) -> None:
     doc = {"size": size, "methods": methods, "bandwidth": bandwidth, "h2d": h2d, "rows": rows}
     (OUT / "bench_memory.json").write_text(json.dumps(doc, indent=1))
+
+
+def _kernel(row: dict) -> str:
+    return row.get("kernel", "fused" if row["fused"] else "eager")
 
 
 def _mode_name(mode) -> str:
@@ -338,7 +353,7 @@ def print_tables(rows: list[dict], methods: list[str], bandwidth: float, h2d: fl
         measured = max((r.get("per_method_bytes") or {"all": r["device_bytes"]}).values())  # the costliest method
         plan = f"{r['plan_bytes'] / p:.2f}" if r["plan_bytes"] else "-"
         ratio = f"{r['plan_bytes'] / measured:.2f}" if r["plan_bytes"] else "-"
-        print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | "
+        print(f"| {r['k']} | {_mode_name(r['mode'])} | {_kernel(r)} | "
               f"{measured / p:.2f} | {plan} | {ratio} | {r['peak_rss'] / p:.2f} | {r['load_s']:.1f} |")
     print("\nDevice B/param per method (scratch and staging measured after each method alone):\n")
     print("| K | mode | kernel | " + " | ".join(methods) + " |")
@@ -346,11 +361,11 @@ def print_tables(rows: list[dict], methods: list[str], bandwidth: float, h2d: fl
     for r in rows:
         if r.get("per_method_bytes"):
             cells = [f"{r['per_method_bytes'][m] / r['params']:.2f}" for m in methods]
-            print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | " + " | ".join(cells) + " |")
+            print(f"| {r['k']} | {_mode_name(r['mode'])} | {_kernel(r)} | " + " | ".join(cells) + " |")
     print("\n| K | mode | kernel | " + " | ".join(f"{m} ms (x legacy, x bound, x mergekit)" for m in methods) + " |")
     print("|---|---|---|" + "---|" * len(methods))
     for r in rows:
-        legacy = next((x for x in rows if x["k"] == r["k"] and x["mode"] == "legacy" and x["fused"] == r["fused"]), None)
+        legacy = next((x for x in rows if x["k"] == r["k"] and x["mode"] == "legacy" and x["fused"] == r["fused"]), None)  # precompiled: vs eager
         bound = _staged(r) / h2d if h2d and r["mode"] != "legacy" and r["mode"][1] == "host" else _moved(r) / bandwidth
         cells = []
         for m in methods:
@@ -359,7 +374,7 @@ def print_tables(rows: list[dict], methods: list[str], bandwidth: float, h2d: fl
             mk = r.get("mergekit_s", {}).get(m)
             cells.append(f"{t * 1e3:.0f} ({vs}, {t / bound:.1f}, {mk / t:.1f})" if mk else
                          f"{t * 1e3:.0f} ({vs}, {t / bound:.1f}, -)")
-        print(f"| {r['k']} | {_mode_name(r['mode'])} | {'fused' if r['fused'] else 'eager'} | " + " | ".join(cells) + " |")
+        print(f"| {r['k']} | {_mode_name(r['mode'])} | {_kernel(r)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "EVOMERGE_KERNEL_CACHE" not in os.environ:  # precompiled kernels built by tests stay with the test session
+    import tempfile
+
+    os.environ["EVOMERGE_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="evomerge-kernels-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

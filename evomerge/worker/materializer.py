@@ -32,6 +32,7 @@ from evomerge.merge.sparsify import L1_CHUNK, SortedMagnitudes, l1_norm, row_ran
 from evomerge.merge.specs import BLOCK_ENTRIES, piece_entries
 from evomerge.seeds import derive_seed
 from evomerge.worker.layer_split import LayerSplit, place
+from evomerge.worker.precompiled import PrecompiledSums
 from evomerge.worker.source_store import SourceStore, Span
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,6 +63,7 @@ class Materializer:
         selection_cache: bool | None = None,
         store: SourceStore | None = None,
         split: LayerSplit | None = None,
+        precompiled: str = "use",
     ) -> None:
         """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
         fused: compiled kernels (seconds to compile once; pays off over many recipes): the combine step of the
@@ -69,7 +71,9 @@ class Materializer:
         storage_dtype, placement: how the sources are held (see SourceStore); store: one already holding
         them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
         magnitudes / row ranks per task vector (None: on for a CPU device or host placement). split: the layers spread over
-        several devices (the store's split where a store is given)."""
+        several devices (the store's split where a store is given). precompiled: on a CPU, linear and task arithmetic
+        as one pass by a kernel compiled ahead of time (worker/precompiled.py), where one is on disk ("use"), also
+        building missing ones in the background ("build": what search workers do), or never ("off")."""
         if base not in sources:
             raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
         self.device = torch.device(device)
@@ -95,6 +99,10 @@ class Materializer:
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str], float] = {}
         self.workspace = Workspace(fused=fused)
+        if precompiled not in ("use", "build", "off"):
+            raise ValueError(f"precompiled must be use, build or off, not {precompiled!r}")
+        self.precompiled = PrecompiledSums(build=precompiled == "build") \
+            if precompiled != "off" and self.device.type == "cpu" else None
         self.block_entries = BLOCK_ENTRIES if self.device.type == "cpu" else None  # None: whole tensors
         self.piece_entries = piece_entries(self.device.type)  # host placement
         self._model = None
@@ -177,8 +185,7 @@ class Materializer:
                 if isinstance(item, Span):  # one piece of the tensor: pieces come in order, a pass at a time
                     target = target.view(-1)[item.start : item.stop].view(item.shape)
                     piece = _next_piece(piece, item, targets[name].numel())
-                if terms is not None and self.workspace.fused and terms.scale == 1.0 \
-                        and self._fused_sum(terms, tensors, inputs, target):
+                if terms is not None and terms.scale == 1.0 and self._one_pass_sum(terms, tensors, inputs, target):
                     continue
                 if terms is not None and (isinstance(item, Span) or self._blockwise(target, tensors, held)):
                     self._merge_blocks(terms, tensors, inputs, target)
@@ -315,14 +322,17 @@ class Materializer:
             if out is not into:
                 into.copy_(out)
 
-    def _fused_sum(self, terms: WeightedSum, tensors: Mapping[str, torch.Tensor], inputs: list[str],
-                   target: torch.Tensor) -> bool:
+    def _one_pass_sum(self, terms: WeightedSum, tensors: Mapping[str, torch.Tensor], inputs: list[str],
+                      target: torch.Tensor) -> bool:
         """An entry-wise method with scale 1 (task arithmetic; linear, normalized) as one compiled pass over
-        the sources as stored, with the bits of the eager ops (the base's own term adds nothing); False where
-        nothing could be compiled, so the eager ops merge it."""
+        the sources as stored, with the bits of the eager ops (the base's own term adds nothing): the kernel
+        compiled in this process (fused), else one compiled ahead of time (CPU); False where neither ran, so the
+        eager ops merge it."""
         terms_of = [(c, tensors[m]) for c, m in zip(terms.coefs, inputs) if m != self.base_name]
-        return fused_weighted_sum(target, tensors[self.base_name], [t for _, t in terms_of],
-                                  [c for c, _ in terms_of])
+        base, sources, coefs = tensors[self.base_name], [t for _, t in terms_of], [c for c, _ in terms_of]
+        if self.workspace.fused and fused_weighted_sum(target, base, sources, coefs):
+            return True
+        return self.precompiled is not None and self.precompiled.weighted_sum(target, base, sources, coefs)
 
     def _merge_into(self, target, merge, base, deltas, out, kwargs, method: str, name: str) -> None:
         """merge(...) written into `target` (directly where `out` is it, else copied from scratch)."""

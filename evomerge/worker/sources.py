@@ -70,7 +70,8 @@ class SourceModels:
             params = sum(m.numel for m in self.store.checkpoints[self.base_ref].tensors.values())
             self._materializer = Materializer(self.paths, self.base_ref, device=self.device, model_dtype=self.dtype,
                                               store=self.store, selection_cache=self.selection_cache,
-                                              fused=compiles_kernels(self.device.type, params))
+                                              fused=compiles_kernels(self.device.type, params),
+                                              precompiled="build")  # CPU: one-pass weighted sums, once built
         return self._materializer
 
     @property

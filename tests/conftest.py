@@ -8,9 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if "EVOMERGE_KERNEL_CACHE" not in os.environ:  # precompiled kernels built by tests stay with the test session
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["EVOMERGE_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="evomerge-kernels-")
+    atexit.register(shutil.rmtree, os.environ["EVOMERGE_KERNEL_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

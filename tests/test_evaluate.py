@@ -282,3 +282,21 @@ def test_cpu_workers_compile_the_kernels_only_for_large_models_and_score_the_sam
     assert compiled_ev.materializer.workspace.fused and "weighted_sum" in fused._compiled and not fused._broken
     _check_ok(compiled, compiled_ev)
     assert _same(eager, compiled)
+
+
+@pytest.mark.slow
+def test_cpu_workers_build_the_precompiled_sum_and_score_the_same(setup, tmp_path, monkeypatch):
+    """A CPU worker below FUSED_CPU_PARAMS merges task arithmetic in eager ops while it builds the precompiled
+    kernel in the background, then with the package: the same candidate scores exactly the same."""
+    monkeypatch.setenv("EVOMERGE_KERNEL_CACHE", str(tmp_path / "kernels"))
+    root, config = setup
+    ev = Evaluator(config, root, worker="w0", node="n0")
+    cand = _candidate("ps_task_arithmetic", ev, "k0")
+    eager = ev.evaluate(cand)
+    sums = ev.materializer.precompiled
+    assert not ev.materializer.workspace.fused and sums.build and sums.calls == 0 and len(sums._builders) == 1
+    sums.wait()
+    again = ev.evaluate(cand)
+    assert sums.calls > 0 and list((tmp_path / "kernels").glob("*.pt2"))
+    _check_ok(again, ev)
+    assert _same(eager, again)

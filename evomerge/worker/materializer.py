@@ -63,7 +63,7 @@ class Materializer:
         selection_cache: bool | None = None,
         store: SourceStore | None = None,
         split: LayerSplit | None = None,
-        precompiled: str = "use",
+        precompiled: str = "off",
     ) -> None:
         """sources: recipe model name -> checkpoint directory; base: the name whose weights are the reference.
         fused: compiled kernels (seconds to compile once; pays off over many recipes): the combine step of the
@@ -72,8 +72,8 @@ class Materializer:
         them, shared with the worker's other users (data-flow source models). selection_cache: keep sorted
         magnitudes / row ranks per task vector (None: on for a CPU device or host placement). split: the layers spread over
         several devices (the store's split where a store is given). precompiled: on a CPU, linear and task arithmetic
-        as one pass by a kernel compiled ahead of time (worker/precompiled.py), where one is on disk ("use"), also
-        building missing ones in the background ("build": what search workers do), or never ("off")."""
+        as one pass by a kernel compiled ahead of time (worker/precompiled.py), where one is on disk ("use": one-shot
+        merges), also building missing ones in the background ("build": search workers), or never ("off")."""
         if base not in sources:
             raise RecipeError(f"base model {base!r} is not among the sources ({', '.join(sources)})")
         self.device = torch.device(device)

@@ -68,7 +68,8 @@ def merge_from_yaml(
 
     start = time.perf_counter()
     out_dtype = TORCH_DTYPES[recipe.output_dtype] if recipe.output_dtype else None
-    materializer = Materializer(paths, base, device=device, model_dtype=out_dtype, allow_pickle=allow_pickle)
+    materializer = Materializer(paths, base, device=device, model_dtype=out_dtype, allow_pickle=allow_pickle,
+                                precompiled="use")  # a package a search built; never a build for one merge
     log(f"loaded {len(paths)} models onto {device} in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     try:

@@ -237,10 +237,15 @@ class PrecompiledSums:
         log.log(logging.WARNING if loud else logging.INFO, "linear and task arithmetic merge in eager ops: %s", why)
 
     def _start_build(self, variant: Variant, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         lock = path.with_name(path.name + ".lock")
-        if not _take_lock(lock):
-            return  # another process is building it: _find will see the package appear
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not _take_lock(lock):
+                return  # another process is building it: _find will see the package appear
+        except OSError as e:  # a cache directory this process cannot write
+            self._give_up(variant, f"could not build in {path.parent} ({e}); set EVOMERGE_KERNEL_CACHE to a "
+                                   "writable directory")
+            return
         spec = json.dumps({**asdict(variant), "path": str(path)})
         try:
             with open(path.with_name(path.name + ".log"), "w") as out:

@@ -96,7 +96,7 @@ class _WeightedSum(torch.nn.Module):
 
 def build(variant: Variant, path: Path) -> None:
     """Compile `variant` into the package at `path` (written under a temporary name, then renamed: a reader never
-    sees half a package). Takes ~25 s on a machine's first build, a few seconds after."""
+    sees half a package). Took 32 s on a 2-core box's first build, 15 s with inductor's own cache warm."""
     n = torch.export.Dim("n", min=2)
     # the compiler sizes its loops by the example: a large one gets the threaded (OpenMP) loop a model's tensors need
     example = [torch.zeros(1 << 20, dtype=_BY_NAME[d]) for d in (variant.out, variant.base, *variant.sources)]
@@ -187,8 +187,10 @@ class PrecompiledSums:
     def weighted_sum(self, out: Tensor, base: Tensor, sources: Sequence[Tensor], coefs: Sequence[float]) -> bool:
         """out = base + sum_i coefs_i (sources_i - base) by the package for this variant: True where it ran, False
         where there is none yet (nothing written; the caller merges in eager ops)."""
-        tensors = [out, base, *sources]
-        if not sources or out.device.type != "cpu" or out.numel() < 2 or not all(t.is_contiguous() for t in tensors):
+        tensors, n = [out, base, *sources], out.numel()
+        # the library trusts its arguments: flat, contiguous, of one length (and of the variant's dtypes, below)
+        if not sources or out.device.type != "cpu" or n < 2 or \
+                not all(t.is_contiguous() and t.numel() == n for t in tensors):
             return False
         variant = Variant.of(out, base, sources)
         if variant is None or variant in self._unusable:

@@ -2,9 +2,9 @@
 shared library on disk that any process loads in milliseconds, without importing the compiler.
 
 Eager, the sum makes 3K + 2 passes over each block (widen, subtract and multiply-add per model, widen the base,
-narrow the result): 1.3-1.9x the float32-resident path on CPU. Compiled, it is one pass over the sources as
+narrow the result): 1.3-2.1x the float32-resident path on CPU. Compiled, it is one pass over the sources as
 stored (merge/fused.py: _weighted_sum, the same function and compiler flags, so the same bits). But torch.compile
-costs each process ~6 s even with inductor's cache warm (its import and first trace), ~25 s on a machine's
+costs each process ~6 s even with inductor's cache warm (its import and first trace), ~22 s on a machine's
 first compile, which is why CPU workers use it only from 1B parameters (merge.specs.FUSED_CPU_PARAMS).
 
 A package holds one variant: the number of task vectors and the dtypes of the base, the sources and the result.
@@ -17,6 +17,7 @@ $XDG_CACHE_HOME/evomerge/kernels (~/.cache/evomerge/kernels).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -39,7 +40,7 @@ from evomerge.merge import fused
 log = logging.getLogger(__name__)
 
 RECHECK_S = 2.0  # how often a worker looks for a package that another process is building
-STALE_LOCK_S = 30 * 60  # a build lock this old is abandoned (a build takes ~25-60 s)
+STALE_LOCK_S = 30 * 60  # a build lock this old is abandoned (builds took 15-32 s on a 2-core box)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
 
@@ -69,6 +70,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evomerge" / "kernels"
 
 
+@functools.cache
 def _fingerprint() -> str:
     """What a package depends on besides its variant: torch, the kernel's source and flags, the CPU (the library
     uses its vector instructions)."""

@@ -135,3 +135,16 @@ def test_a_cache_directory_that_cannot_be_written_leaves_the_eager_ops(qwen2_bf1
     with caplog.at_level(logging.WARNING, logger="evomerge.worker.precompiled"):
         assert _same(m.merged_state_dict(_task_arithmetic()), reference)
     assert len(caplog.records) == 1 and "set EVOMERGE_KERNEL_CACHE to a writable directory" in caplog.text
+
+
+def test_a_build_killed_midway_is_reported_and_its_lock_freed(qwen2_bf16, kernel_cache, caplog):
+    reference = Materializer(_sources(qwen2_bf16), "base", precompiled="off").merged_state_dict(_task_arithmetic())
+    m = Materializer(_sources(qwen2_bf16), "base", precompiled="build")
+    assert _same(m.merged_state_dict(_task_arithmetic()), reference)
+    (builder,) = m.precompiled._builders.values()
+    builder.kill()
+    m.precompiled.wait()
+    with caplog.at_level(logging.WARNING, logger="evomerge.worker.precompiled"):
+        assert _same(m.merged_state_dict(_task_arithmetic()), reference)
+    assert len(caplog.records) == 1 and "ended with code -9" in caplog.records[0].getMessage()
+    assert not list(kernel_cache.glob("*.lock")) and not list(kernel_cache.glob("*.pt2"))

@@ -221,11 +221,12 @@ class PrecompiledSums:
             log.info("weighted sums of %s: precompiled kernel %s", variant.name, path)
             return runner
         failed, builder = path.with_name(path.name + ".failed"), self._builders.get(variant)
-        if builder is not None and builder.poll() == 0:  # it finished since is_file() above
+        code = builder.poll() if builder is not None else None
+        if code == 0:  # it finished since is_file() above
             self._looked.pop(variant)
-        elif builder is not None and builder.poll() is not None and not failed.is_file():  # killed, say
+        elif code is not None and not failed.is_file():  # killed, say
             path.with_name(path.name + ".lock").unlink(missing_ok=True)
-            self._give_up(variant, f"the build of {path.name} ended with code {builder.returncode} "
+            self._give_up(variant, f"the build of {path.name} ended with code {code} "
                                    f"(log: {path.name}.log)")
         elif failed.is_file():
             reason = failed.read_text().strip().splitlines()[-1:] or ["?"]
